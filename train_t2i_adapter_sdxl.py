@@ -1,0 +1,1276 @@
+#!/usr/bin/env python
+"""Train a T2I-Adapter on a frozen Stable Diffusion XL.
+
+A faithful port of diffusers' `examples/t2i_adapter/train_t2i_adapter_sdxl.py`: the same flags,
+defaults and maths, with the upstream defects fixed (see README.md, "Differences from upstream").
+Run it with `accelerate launch train_t2i_adapter_sdxl.py --help`.
+
+The file reads top to bottom in the order of a run: arguments, input checks, data, text
+embeddings, models, loss, checkpoints, validation, Hub, and finally `main`, which ties them
+together. Every step is a module-level function so that tests can import it.
+"""
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import random
+import re
+import shutil
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from huggingface_hub import create_repo, upload_folder
+from PIL import Image
+from torchvision import transforms
+from tqdm.auto import tqdm
+
+logger = get_logger(__name__)
+
+SDXL_DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+ADAPTER_SUBFOLDER = "t2iadapter"  # where a checkpoint keeps the adapter in diffusers format
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+MODEL_CARD_TAGS = (
+    "stable-diffusion-xl",
+    "stable-diffusion-xl-diffusers",
+    "text-to-image",
+    "diffusers",
+    "t2iadapter",
+    "diffusers-training",
+)
+
+
+# ------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    """The command line: every upstream flag with its upstream name, type and default."""
+    parser = argparse.ArgumentParser(
+        description="Train a T2I-Adapter on a frozen Stable Diffusion XL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # Models
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help=f"Hub id or local folder of the SDXL base model in diffusers format (e.g. {SDXL_DEFAULT_MODEL}).",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="Hub id or folder of a different VAE (e.g. madebyollin/sdxl-vae-fp16-fix); it is then run in the"
+        " mixed-precision dtype.",
+    )
+    parser.add_argument(
+        "--adapter_model_name_or_path",
+        type=str,
+        default=None,
+        help="Hub id or folder of an adapter to start from. Without it a new adapter is derived from the UNet's"
+        " and VAE's configs (for SDXL: channels (320, 640, 1280, 1280), downscale 16, full_adapter_xl).",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the model.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
+    parser.add_argument(
+        "--tokenizer_name",
+        type=str,
+        default=None,
+        help="Hub id or folder of the tokenizers, if not the base model's. A folder with 'tokenizer' and"
+        " 'tokenizer_2' subfolders gives both; otherwise the one tokenizer found there serves both encoders.",
+    )
+    parser.add_argument(
+        "--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored."
+    )
+    # Output and logging
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="t2iadapter-model",
+        help="Where the adapter, checkpoints, logs and model card are written.",
+    )
+    parser.add_argument(
+        "--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir."
+    )
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help="Tracker(s) for losses and validation images: 'tensorboard', 'wandb', 'all' or 'none'.",
+    )
+    parser.add_argument(
+        "--tracker_project_name",
+        type=str,
+        default="sd_xl_train_t2iadapter",
+        help="Project name given to the trackers.",
+    )
+    # Resolution and SDXL micro-conditioning
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=1024,
+        help="Training images are resized (shorter side) and centre-cropped to this square size.",
+    )
+    parser.add_argument(
+        "--detection_resolution",
+        type=int,
+        default=None,
+        help="Resolution at which conditioning images are prepared before being brought to --resolution"
+        " (a detector's working size). Default: --resolution.",
+    )
+    parser.add_argument(
+        "--crops_coords_top_left_h", type=int, default=0, help="Crop top coordinate given to the SDXL UNet."
+    )
+    parser.add_argument(
+        "--crops_coords_top_left_w", type=int, default=0, help="Crop left coordinate given to the SDXL UNet."
+    )
+    # Training horizon
+    parser.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    parser.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Total optimisation steps; overrides --num_train_epochs.",
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches accumulated per optimisation step."
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute UNet activations in the backward pass: less memory, slower steps.",
+    )
+    # Checkpoints
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a resumable checkpoint (output_dir/checkpoint-N) every N optimisation steps.",
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints."
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Resume from a checkpoint folder name (or path), or 'latest' for the newest in --output_dir.",
+    )
+    # Optimiser
+    parser.add_argument("--learning_rate", type=float, default=5e-6, help="Learning rate after warm-up.")
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        default=False,
+        help="Multiply the learning rate by accumulation steps × batch size × number of processes.",
+    )
+    parser.add_argument(
+        "--lr_scheduler", type=str, default="constant", help=f"Learning-rate schedule: one of {', '.join(LR_SCHEDULERS)}."
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up optimisation steps.")
+    parser.add_argument(
+        "--lr_num_cycles", type=int, default=1, help="Hard restarts of the cosine_with_restarts schedule."
+    )
+    parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient norm clipping.")
+    parser.add_argument(
+        "--set_grads_to_none", action="store_true", help="Set gradients to None instead of zero after each step."
+    )
+    # Precision and kernels
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision; default: accelerate's config or launch flag.",
+    )
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers' attention in the UNet (PyTorch's SDPA is used otherwise).",
+    )
+    # Data
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Hub id of a dataset, or a local folder that `datasets.load_dataset` understands (e.g. parquet).",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if any.")
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="A local imagefolder with metadata.jsonl (the conditioning key must be"
+        " 'conditioning_image_file_name').",
+    )
+    parser.add_argument("--image_column", type=str, default="image", help="Column of the target images.")
+    parser.add_argument(
+        "--conditioning_image_column",
+        type=str,
+        default="conditioning_image",
+        help="Column of the conditioning images.",
+    )
+    parser.add_argument(
+        "--caption_column", type=str, default="text", help="Column of the captions (a string or a list of strings)."
+    )
+    parser.add_argument(
+        "--max_train_samples", type=int, default=None, help="Train on the first N samples after shuffling."
+    )
+    parser.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0,
+        help="Probability that a caption is replaced by the empty prompt, drawn anew at every step.",
+    )
+    parser.add_argument(
+        "--dataloader_num_workers", type=int, default=1, help="DataLoader worker processes (0: main process)."
+    )
+    # Validation
+    parser.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=None,
+        nargs="+",
+        help="Prompts for validation: as many as --validation_image, or one for all images.",
+    )
+    parser.add_argument(
+        "--validation_image",
+        type=str,
+        default=None,
+        nargs="+",
+        help="Conditioning images for validation: as many as --validation_prompt, or one for all prompts.",
+    )
+    parser.add_argument(
+        "--num_validation_images", type=int, default=4, help="Images generated per (prompt, image) pair."
+    )
+    parser.add_argument(
+        "--validation_steps", type=int, default=100, help="Run validation every N optimisation steps."
+    )
+    # Hub
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the adapter and model card to the Hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (never logged or saved).")
+    parser.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository; default: the name of --output_dir."
+    )
+    return parser
+
+
+def parse_args(input_args=None):
+    """Parse the command line (or `input_args`) and run every check that needs no file."""
+    args = build_parser().parse_args(input_args)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Checks on the flags alone; each error names the flag and its value."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise ValueError("Specify either `--dataset_name` or `--train_data_dir`.")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError(
+            f"Specify only one of `--dataset_name` ({args.dataset_name!r}) or `--train_data_dir` ({args.train_data_dir!r})."
+        )
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise ValueError(f"`--proportion_empty_prompts` must be in [0, 1], got {args.proportion_empty_prompts}.")
+    if args.validation_prompt is not None and args.validation_image is None:
+        raise ValueError("`--validation_image` must be set if `--validation_prompt` is set.")
+    if args.validation_prompt is None and args.validation_image is not None:
+        raise ValueError("`--validation_prompt` must be set if `--validation_image` is set.")
+    if args.validation_prompt is not None:
+        pair_validation_inputs(args.validation_prompt, args.validation_image)
+    if args.resolution % 8 != 0:
+        raise ValueError(
+            f"`--resolution` must be divisible by 8 so that VAE latents and adapter features line up, got {args.resolution}."
+        )
+    if args.detection_resolution is not None and args.detection_resolution <= 0:
+        raise ValueError(f"`--detection_resolution` must be positive, got {args.detection_resolution}.")
+    for flag in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "validation_steps",
+        "num_validation_images",
+    ):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"`--{flag}` must be at least 1, got {getattr(args, flag)}.")
+    for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"`--{flag}` must be at least 1, got {getattr(args, flag)}.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"`--dataloader_num_workers` must be at least 0, got {args.dataloader_num_workers}.")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {args.lr_scheduler!r}.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        raise ValueError(
+            f"`--report_to {args.report_to}` with `--hub_token` would expose the token to the tracker."
+            " Log in with `huggingface-cli login` instead and drop `--hub_token`."
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# Input checks: files and model configs, before anything expensive is loaded
+# ------------------------------------------------------------------------------------------
+
+
+def check_model_location(flag, value):
+    """A local path must exist; anything else must at least look like a Hub repository id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if value is None or os.path.isdir(value):
+        return
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ValueError(f"`{flag}` {value!r} is neither an existing folder nor a Hub repository id.") from None
+
+
+def check_image_file(flag, path):
+    if not os.path.isfile(path):
+        raise ValueError(f"`{flag}` {path!r} does not exist.")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:
+        raise ValueError(f"`{flag}` {path!r} is not a readable image ({error}).") from None
+
+
+def load_model_config(model_class, location, subfolder, args):
+    """Read only a model's config.json (no weights)."""
+    return model_class.load_config(location, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
+
+
+def safetensors_dtypes(folder):
+    """The dtypes stored in a local diffusers model folder, read from safetensors headers only."""
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as weights:
+            dtypes.update(str(weights.get_slice(key).get_dtype()) for key in weights.keys())
+    return dtypes
+
+
+def check_inputs(args):
+    """Every check that reads files or configs but loads no weights, run before any model or data loads.
+
+    Returns the adapter config that training will use, so the same derivation is not repeated.
+    """
+    from diffusers import AutoencoderKL, T2IAdapter, UNet2DConditionModel
+
+    for flag in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "adapter_model_name_or_path"):
+        check_model_location(f"--{flag}", getattr(args, flag))
+    check_model_location("--tokenizer_name", args.tokenizer_name)
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise ValueError(f"`--train_data_dir` {args.train_data_dir!r} is not an existing folder.")
+    for path in args.validation_image or []:
+        check_image_file("--validation_image", path)
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ValueError("`--enable_xformers_memory_efficient_attention` needs xformers: `pip install xformers`.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`.") from None
+
+    unet_config = load_model_config(UNet2DConditionModel, args.pretrained_model_name_or_path, "unet", args)
+    if args.pretrained_vae_model_name_or_path is None:
+        vae_config = load_model_config(AutoencoderKL, args.pretrained_model_name_or_path, "vae", args)
+    else:
+        vae_config = load_model_config(AutoencoderKL, args.pretrained_vae_model_name_or_path, None, args)
+    if args.adapter_model_name_or_path is None:
+        adapter_config = derive_adapter_config(unet_config, vae_config)
+    else:
+        adapter_config = dict(load_model_config(T2IAdapter, args.adapter_model_name_or_path, None, args))
+        if os.path.isdir(args.adapter_model_name_or_path):
+            dtypes = safetensors_dtypes(args.adapter_model_name_or_path) - {"F32"}
+            if dtypes:
+                raise ValueError(
+                    f"`--adapter_model_name_or_path` {args.adapter_model_name_or_path!r} holds {sorted(dtypes)} weights;"
+                    " the trained adapter must be float32 (mixed precision keeps a float32 master copy)."
+                )
+    check_adapter_fits(adapter_config, unet_config, vae_config, args.resolution)
+    return adapter_config
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+
+def load_train_dataset(args):
+    """Load the training split, check its columns, shuffle with the seed and truncate."""
+    from datasets import load_dataset
+
+    if args.dataset_name is not None:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    else:
+        dataset = load_dataset(args.train_data_dir, cache_dir=args.cache_dir)
+    if "train" not in dataset:
+        raise ValueError(f"The dataset has no 'train' split; it has: {', '.join(dataset)}.")
+    train = dataset["train"]
+    for flag in ("image_column", "conditioning_image_column", "caption_column"):
+        column = getattr(args, flag)
+        if column not in train.column_names:
+            raise ValueError(
+                f"`--{flag}` value {column!r} not found in dataset columns: {', '.join(train.column_names)}."
+            )
+    if len(train) == 0:
+        raise ValueError("The training dataset is empty.")
+    train = train.shuffle(seed=args.seed)
+    if args.max_train_samples is not None:
+        if args.max_train_samples > len(train):
+            raise ValueError(
+                f"`--max_train_samples` {args.max_train_samples} is larger than the dataset ({len(train)} samples)."
+            )
+        train = train.select(range(args.max_train_samples))
+    return train
+
+
+def image_transform(resolution):
+    """Target images: shorter side to `resolution`, centre crop, values in [-1, 1]."""
+    return transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+
+
+def conditioning_image_transform(resolution, detection_resolution=None):
+    """Conditioning images: like the targets but kept in [0, 1].
+
+    With a detection resolution the condition is first brought to the detector's working size,
+    then to the training resolution, as it would be if a detector had made it at that size.
+    """
+    steps = []
+    if detection_resolution is not None and detection_resolution != resolution:
+        steps += [
+            transforms.Resize(detection_resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(detection_resolution),
+        ]
+    steps += [
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+    ]
+    return transforms.Compose(steps)
+
+
+def preprocess_train(examples, image_column, conditioning_image_column, caption_column, resolution, detection_resolution):
+    """The dataset transform: tensors for both images, captions left as they are."""
+    to_target = image_transform(resolution)
+    to_condition = conditioning_image_transform(resolution, detection_resolution)
+    return {
+        "pixel_values": [to_target(image.convert("RGB")) for image in examples[image_column]],
+        "conditioning_pixel_values": [to_condition(image.convert("RGB")) for image in examples[conditioning_image_column]],
+        "captions": list(examples[caption_column]),
+    }
+
+
+def collate_fn(examples):
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).float(),
+        "conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples]).float(),
+        "captions": [e["captions"] for e in examples],
+    }
+
+
+def make_train_dataloader(dataset, args):
+    """DataLoader over the transformed dataset.
+
+    It gets its own generator so that creating an iterator never draws from the global torch RNG:
+    otherwise a resumed run (which creates its iterator at a different moment) would draw
+    different noise from the uninterrupted run.
+    """
+    dataset = dataset.with_transform(
+        partial(
+            preprocess_train,
+            image_column=args.image_column,
+            conditioning_image_column=args.conditioning_image_column,
+            caption_column=args.caption_column,
+            resolution=args.resolution,
+            detection_resolution=args.detection_resolution,
+        )
+    )
+    generator = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
+    return torch.utils.data.DataLoader(
+        dataset,
+        shuffle=True,
+        collate_fn=collate_fn,
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0,
+        generator=generator,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Text embeddings (SDXL: two CLIP encoders, penultimate hidden states, pooled embedding)
+# ------------------------------------------------------------------------------------------
+
+
+def select_captions(raw_captions, proportion_empty_prompts, is_train=True):
+    """One caption per sample: a random one of a list in training (the first otherwise), and the
+    empty prompt with probability `proportion_empty_prompts`. Drawn at every step from Python's
+    RNG, which checkpoints save and restore."""
+    captions = []
+    for caption in raw_captions:
+        if random.random() < proportion_empty_prompts:
+            captions.append("")
+        elif isinstance(caption, str):
+            captions.append(caption)
+        elif isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0:
+            captions.append(random.choice(caption) if is_train else caption[0])
+        else:
+            raise ValueError(f"A caption must be a string or a non-empty list of strings, got {caption!r}.")
+    return captions
+
+
+@torch.no_grad()
+def encode_prompt(captions, text_encoders, tokenizers):
+    """Prompt embeddings (penultimate hidden states of both encoders, concatenated) and the
+    pooled embedding of the second (projected) encoder."""
+    hidden_states = []
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        input_ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        output = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
+        pooled = output[0]
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1), pooled.reshape(len(captions), -1)
+
+
+def compute_time_ids(original_size, crops_coords_top_left, target_size, batch_size, device=None, dtype=None):
+    """SDXL's micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""
+    time_ids = torch.tensor([list(original_size) + list(crops_coords_top_left) + list(target_size)], dtype=dtype)
+    return time_ids.repeat(batch_size, 1).to(device)
+
+
+# ------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------
+
+
+def weight_dtype_for(mixed_precision):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def vae_scale_factor(vae_config):
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def derive_adapter_config(unet_config, vae_config):
+    """A full_adapter_xl sized for this UNet: one feature map per down block plus one for the mid
+    block, at the UNet's channels; pixels are unshuffled by twice the VAE's downscale (for SDXL:
+    channels (320, 640, 1280, 1280), downscale 16, as upstream hard-codes)."""
+    block_out_channels = list(unet_config["block_out_channels"])
+    return {
+        "in_channels": 3,
+        "channels": block_out_channels + [block_out_channels[-1]],
+        "num_res_blocks": 2,
+        "downscale_factor": 2 * vae_scale_factor(vae_config),
+        "adapter_type": "full_adapter_xl",
+    }
+
+
+def adapter_feature_shapes(adapter_config, resolution):
+    """(channels, height) of each feature map the adapter makes from a resolution² image."""
+    channels = list(adapter_config["channels"])
+    side = resolution // adapter_config["downscale_factor"]
+    if adapter_config["adapter_type"] == "full_adapter_xl":
+        # Only the third block halves the resolution.
+        return [(c, side if i < 2 else side // 2) for i, c in enumerate(channels)]
+    return [(c, side // 2**i) for i, c in enumerate(channels)]  # full_adapter, light_adapter
+
+
+def unet_residual_shapes(unet_config, latent_side):
+    """(channels, height) of each place where the UNet adds an adapter feature map, in order.
+
+    A cross-attention down block adds it before its downsampler; a plain down block after it;
+    the mid block takes one more at the lowest resolution.
+    """
+    shapes = []
+    block_types = unet_config["down_block_types"]
+    side = latent_side
+    for i, (block_type, channels) in enumerate(zip(block_types, unet_config["block_out_channels"])):
+        has_downsampler = i < len(block_types) - 1
+        if "CrossAttn" in block_type or not has_downsampler:
+            shapes.append((channels, side))
+        else:
+            shapes.append((channels, side // 2))
+        if has_downsampler:
+            side //= 2
+    shapes.append((unet_config["block_out_channels"][-1], side))  # mid block
+    return shapes
+
+
+def check_adapter_fits(adapter_config, unet_config, vae_config, resolution):
+    """The adapter's feature maps must match, one by one, where the UNet adds them."""
+    downscale = adapter_config["downscale_factor"]
+    if adapter_config["adapter_type"] == "full_adapter_xl":
+        downscale *= 2
+    if resolution % downscale != 0:
+        raise ValueError(
+            f"`--resolution` {resolution} must be divisible by the adapter's total downscale factor {downscale}."
+        )
+    adapter_shapes = adapter_feature_shapes(adapter_config, resolution)
+    unet_shapes = unet_residual_shapes(unet_config, resolution // vae_scale_factor(vae_config))
+    # The mid-block map is optional: an adapter may stop after the down blocks.
+    if adapter_shapes not in (unet_shapes, unet_shapes[:-1]):
+        raise ValueError(
+            "The adapter does not fit the UNet: at --resolution "
+            f"{resolution} the adapter makes feature maps (channels, size) {adapter_shapes} but the UNet takes"
+            f" {unet_shapes} (adapter channels {list(adapter_config['channels'])}, downscale"
+            f" {adapter_config['downscale_factor']}, type {adapter_config['adapter_type']}; UNet block_out_channels"
+            f" {list(unet_config['block_out_channels'])})."
+        )
+
+
+def text_encoder_class(location, subfolder, args):
+    """The transformers class named in a text encoder's config."""
+    import transformers
+
+    config = transformers.PretrainedConfig.from_pretrained(
+        location, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir
+    )
+    name = config.architectures[0]
+    if name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        raise ValueError(f"Text encoder class {name} in {location}/{subfolder} is not supported.")
+    return getattr(transformers, name)
+
+
+def load_tokenizers(args):
+    """The two CLIP tokenizers: from --tokenizer_name when given, else from the base model."""
+    from transformers import AutoTokenizer
+
+    def load(location, subfolder):
+        return AutoTokenizer.from_pretrained(
+            location, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir, use_fast=False
+        )
+
+    if args.tokenizer_name is None:
+        return [load(args.pretrained_model_name_or_path, "tokenizer"), load(args.pretrained_model_name_or_path, "tokenizer_2")]
+    if os.path.isdir(os.path.join(args.tokenizer_name, "tokenizer")):
+        return [load(args.tokenizer_name, "tokenizer"), load(args.tokenizer_name, "tokenizer_2")]
+    tokenizer = load(args.tokenizer_name, None)
+    return [tokenizer, tokenizer]
+
+
+def load_models(args, adapter_config):
+    """Scheduler, tokenizers, text encoders, VAE, UNet and the adapter, all frozen but the adapter."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, T2IAdapter, UNet2DConditionModel
+
+    base = args.pretrained_model_name_or_path
+    hub = {"revision": args.revision, "cache_dir": args.cache_dir}
+    noise_scheduler = EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **hub)
+    tokenizers = load_tokenizers(args)
+    text_encoders = [
+        text_encoder_class(base, subfolder, args).from_pretrained(base, subfolder=subfolder, variant=args.variant, **hub)
+        for subfolder in ("text_encoder", "text_encoder_2")
+    ]
+    if args.pretrained_vae_model_name_or_path is None:
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
+    else:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **hub)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **hub)
+
+    if args.adapter_model_name_or_path:
+        logger.info(f"Loading adapter weights from {args.adapter_model_name_or_path}.")
+        adapter = T2IAdapter.from_pretrained(args.adapter_model_name_or_path, cache_dir=args.cache_dir)
+    else:
+        logger.info(f"Initialising a new adapter: {adapter_config}.")
+        adapter = T2IAdapter(**adapter_config)
+    if adapter.dtype != torch.float32:
+        raise ValueError(f"The adapter was loaded as {adapter.dtype}; the trained adapter must be float32.")
+
+    # Only the adapter trains. Upstream leaves the UNet trainable, which costs a full backward
+    # through its weights and ~10 GB of unused gradients at SDXL size.
+    for model in (*text_encoders, vae, unet):
+        model.requires_grad_(False)
+    adapter.train()
+    return noise_scheduler, tokenizers, text_encoders, vae, unet, adapter
+
+
+# ------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------
+
+
+def sample_timesteps(batch_size, num_train_timesteps, device=None, generator=None):
+    """Cubic sampling (T2I-Adapter paper §3.4): t = (1 - u³)·T favours early, noisy timesteps."""
+    u = torch.rand((batch_size,), device=device, generator=generator)
+    timesteps = ((1 - u**3) * num_train_timesteps).long()
+    return timesteps.clamp(0, num_train_timesteps - 1)
+
+
+def sigma_table(noise_scheduler):
+    """σ for every training timestep, indexable by the timestep itself.
+
+    Built once from the scheduler's own (timestep, σ) pairs, so a batch's σ is one gather
+    instead of upstream's per-sample search with a host sync each.
+    """
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    schedule_timesteps = noise_scheduler.timesteps.round().long()
+    sigmas = noise_scheduler.sigmas[: len(schedule_timesteps)].float()
+    table = torch.full((num_train_timesteps,), float("nan"))
+    table[schedule_timesteps] = sigmas
+    if torch.isnan(table).any():
+        raise ValueError("The noise scheduler does not cover every training timestep.")
+    return table
+
+
+def predict_clean_latents(model_pred, noisy_latents, sigmas, prediction_type):
+    """x₀ estimated from the UNet's output, for the Euler (σ) parameterisation."""
+    if prediction_type == "epsilon":
+        return noisy_latents - sigmas * model_pred
+    if prediction_type == "v_prediction":
+        # Upstream uses the epsilon formula here and a velocity target: wrong (defect 16).
+        return noisy_latents / (sigmas**2 + 1) - sigmas / (sigmas**2 + 1) ** 0.5 * model_pred
+    if prediction_type == "sample":
+        return model_pred
+    raise ValueError(f"Unknown prediction type {prediction_type!r}.")
+
+
+def weighted_denoising_loss(denoised, target, sigmas):
+    """mean over the batch of the per-sample mean of σ⁻²·(x̂₀ − x₀)², in float32."""
+    weighting = sigmas.float() ** -2.0
+    per_sample = (weighting * (denoised.float() - target.float()) ** 2).reshape(target.shape[0], -1).mean(dim=1)
+    return per_sample.mean()
+
+
+def adapter_training_loss(
+    unet, adapter, latents, conditioning_pixel_values, prompt_embeds, added_cond_kwargs, sigmas_by_timestep,
+    prediction_type, weight_dtype, noise=None, timesteps=None,
+):
+    """One training step's loss on clean latents (float32).
+
+    Noise is added in float32 (upstream noises in the mixed-precision dtype); the UNet sees
+    noisy / sqrt(σ² + 1) and the adapter's features as intra-block residuals.
+    """
+    latents = latents.float()
+    if noise is None:
+        noise = torch.randn_like(latents)
+    if timesteps is None:
+        timesteps = sample_timesteps(latents.shape[0], len(sigmas_by_timestep), device=latents.device)
+    sigmas = sigmas_by_timestep.to(latents.device)[timesteps].reshape(-1, 1, 1, 1)
+    noisy_latents = latents + sigmas * noise  # EulerDiscreteScheduler.add_noise
+    unet_input = (noisy_latents / (sigmas**2 + 1) ** 0.5).to(weight_dtype)
+
+    # A fresh list each call: the UNet pops the residuals it consumes.
+    residuals = [feature.to(weight_dtype) for feature in adapter(conditioning_pixel_values)]
+    model_pred = unet(
+        unet_input,
+        timesteps,
+        encoder_hidden_states=prompt_embeds.to(weight_dtype),
+        added_cond_kwargs={key: value.to(weight_dtype) for key, value in added_cond_kwargs.items()},
+        down_intrablock_additional_residuals=residuals,
+        return_dict=False,
+    )[0]
+    denoised = predict_clean_latents(model_pred.float(), noisy_latents, sigmas, prediction_type)
+    return weighted_denoising_loss(denoised, latents, sigmas)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixel_values, chunk_size=8):
+    """Sample VAE latents (scaled), at most `chunk_size` images at a time to bound memory."""
+    pixel_values = pixel_values.to(vae.device, dtype=vae.dtype)
+    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(chunk_size)]
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in `output_dir`, oldest first. Checkpoints still being written carry
+    a '.tmp' suffix and are never listed."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(output_dir)) if m)
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
+def checkpoint_step(path):
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise ValueError(f"{path!r} is not a checkpoint folder (checkpoint-<step>).")
+    return int(match.group(1))
+
+
+def prune_checkpoints(output_dir, total_limit):
+    """Delete the oldest complete checkpoints so that at most `total_limit` remain."""
+    checkpoints = list_checkpoints(output_dir)
+    if total_limit is None or len(checkpoints) <= total_limit:
+        return []
+    removed = checkpoints[: len(checkpoints) - total_limit]
+    logger.info(f"Removing checkpoints beyond the limit of {total_limit}: {', '.join(map(os.path.basename, removed))}")
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit):
+    """Save the full training state as output_dir/checkpoint-<step>.
+
+    Every process takes part (DeepSpeed needs each rank's shard). The state is written under a
+    temporary name and renamed once complete, and only then are old checkpoints pruned: a crash
+    while saving leaves the previous checkpoints intact and never a half-written one as 'latest'.
+    """
+    final_path = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp_path = final_path + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp_path):
+        shutil.rmtree(tmp_path)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp_path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final_path):  # the same step saved again after a resume
+            shutil.rmtree(final_path)
+        os.replace(tmp_path, final_path)
+        prune_checkpoints(output_dir, total_limit)
+        logger.info(f"Saved state to {final_path}")
+    accelerator.wait_for_everyone()
+    return final_path
+
+
+def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
+    """The checkpoint folder to resume from, or None (with a message) when there is none."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    if os.path.isdir(resume_from_checkpoint):
+        path = resume_from_checkpoint
+    else:
+        path = os.path.join(output_dir, os.path.basename(os.path.normpath(resume_from_checkpoint)))
+    if not os.path.isdir(path):
+        return None
+    checkpoint_step(path)
+    return path
+
+
+def save_adapter_hook(models, weights, output_dir, accelerator):
+    """accelerate save hook: keep the adapter in diffusers format inside the checkpoint."""
+    for model in models:
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, ADAPTER_SUBFOLDER))
+        if weights:
+            weights.pop()  # saved above; accelerate need not write it again
+
+
+def load_adapter_hook(models, input_dir):
+    """accelerate load hook: read the adapter back from its diffusers-format folder."""
+    from diffusers import T2IAdapter
+
+    while models:
+        model = models.pop()
+        saved = T2IAdapter.from_pretrained(os.path.join(input_dir, ADAPTER_SUBFOLDER))
+        model.load_state_dict(saved.state_dict())
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------
+
+
+def pair_validation_inputs(prompts, images):
+    """(prompt, image) pairs: equal counts pair up; a single prompt or image is shared."""
+    if len(prompts) == len(images):
+        return list(zip(prompts, images))
+    if len(images) == 1:
+        return [(prompt, images[0]) for prompt in prompts]
+    if len(prompts) == 1:
+        return [(prompts[0], image) for image in images]
+    raise ValueError(
+        f"Got {len(prompts)} `--validation_prompt`s and {len(images)} `--validation_image`s: provide as many of each,"
+        " or exactly one of either."
+    )
+
+
+def image_grid(images, rows, cols):
+    width, height = images[0].size
+    grid = Image.new("RGB", size=(cols * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, box=(i % cols * width, i // cols * height))
+    return grid
+
+
+def log_validation_images(image_logs, trackers, step):
+    """Send each (condition, samples) set to every tracker."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            for log in image_logs:
+                stack = np.stack([np.asarray(image) for image in [log["validation_image"], *log["images"]]])
+                tracker.writer.add_images(log["validation_prompt"], stack, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            formatted = []
+            for log in image_logs:
+                formatted.append(wandb.Image(log["validation_image"], caption="adapter conditioning"))
+                formatted += [wandb.Image(image, caption=log["validation_prompt"]) for image in log["images"]]
+            tracker.log({"validation": formatted}, step=step)
+        else:
+            logger.warning(f"Image logging is not implemented for {tracker.name}.")
+
+
+def run_validation(components, adapter, args, accelerator, weight_dtype, step):
+    """Generate `num_validation_images` per (prompt, image) pair with the adapter as it is now,
+    log them to every tracker and return them (for the model card).
+
+    The pipeline is built from the components already in memory, autocast follows the actual
+    device, and the global RNGs are left untouched so that validation never changes training.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLAdapterPipeline
+
+    logger.info(f"Running validation at step {step}.")
+    pipeline = StableDiffusionXLAdapterPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoders"][0],
+        text_encoder_2=components["text_encoders"][1],
+        tokenizer=components["tokenizers"][0],
+        tokenizer_2=components["tokenizers"][1],
+        unet=components["unet"],
+        adapter=accelerator.unwrap_model(adapter),
+        scheduler=EulerDiscreteScheduler.from_config(components["noise_scheduler"].config),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    if args.enable_xformers_memory_efficient_attention:
+        pipeline.enable_xformers_memory_efficient_attention()
+    device = accelerator.device
+    if weight_dtype == torch.float32:
+        autocast = contextlib.nullcontext()
+    else:
+        autocast = torch.autocast(device.type, dtype=weight_dtype)
+
+    image_logs = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        python_state = random.getstate()
+        generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
+        for prompt, image_path in pair_validation_inputs(args.validation_prompt, args.validation_image):
+            condition = Image.open(image_path).convert("RGB").resize((args.resolution, args.resolution))
+            images = []
+            for _ in range(args.num_validation_images):
+                with autocast:
+                    images.append(
+                        pipeline(
+                            prompt=prompt,
+                            image=condition,
+                            height=args.resolution,
+                            width=args.resolution,
+                            num_inference_steps=20,
+                            generator=generator,
+                        ).images[0]
+                    )
+            image_logs.append({"validation_image": condition, "images": images, "validation_prompt": prompt})
+        random.setstate(python_state)
+    log_validation_images(image_logs, accelerator.trackers, step)
+    del pipeline
+    return image_logs
+
+
+# ------------------------------------------------------------------------------------------
+# Model card and Hub
+# ------------------------------------------------------------------------------------------
+
+
+def save_model_card(repo_id, image_logs, base_model, repo_folder):
+    """README.md with the Hub metadata and, per validation prompt, a grid: condition then samples."""
+    image_text = ""
+    if image_logs:
+        image_text = "You can find some example images below.\n\n"
+        for i, log in enumerate(image_logs):
+            log["validation_image"].save(os.path.join(repo_folder, f"image_control_{i}.png"))
+            images = [log["validation_image"], *log["images"]]
+            image_grid(images, 1, len(images)).save(os.path.join(repo_folder, f"images_{i}.png"))
+            image_text += f"prompt: {log['validation_prompt']}\n\n![images_{i}](./images_{i}.png)\n\n"
+    tags = "\n".join(f"- {tag}" for tag in MODEL_CARD_TAGS)
+    card = f"""---
+license: creativeml-openrail-m
+base_model: {base_model}
+tags:
+{tags}
+inference: true
+---
+
+# t2iadapter-{repo_id}
+
+These are T2I-Adapter weights trained on {base_model} with a new type of conditioning.
+
+{image_text}"""
+    with open(os.path.join(repo_folder, "README.md"), "w") as f:
+        f.write(card)
+
+
+def hub_upload_arguments(repo_id, output_dir, hub_token):
+    """What is sent to `huggingface_hub.upload_folder` at the end of training."""
+    return {
+        "repo_id": repo_id,
+        "folder_path": output_dir,
+        "commit_message": "End of training",
+        "ignore_patterns": ["step_*", "epoch_*"],
+        "token": hub_token,
+    }
+
+
+def tracker_config(args):
+    """The run's settings for the trackers: never the Hub token (upstream logs it), and lists as
+    strings (tensorboard's hparams take scalars and strings only)."""
+    config = {key: value for key, value in vars(args).items() if key != "hub_token"}
+    return {key: " | ".join(value) if isinstance(value, list) else value for key, value in config.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+
+
+def build_optimizer(params, args):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def build_lr_scheduler(optimizer, args, max_train_steps, num_processes):
+    """The LR schedule, counted in scheduler calls. accelerate's prepared scheduler is called once
+    per process for each optimisation step, so warm-up and length are scaled by the number of
+    processes (upstream does not, and its schedule runs N times too fast on N processes)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=max_train_steps * num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+
+def main(args):
+    adapter_config = check_inputs(args)
+
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        # The shuffle order of each epoch depends only on (seed, epoch), so resume can replay it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if args.seed is not None:
+        # Each process draws its own noise; DDP keeps the adapter weights in step.
+        set_seed(args.seed, device_specific=True)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # Data first: a missing column fails before any model is loaded.
+    with accelerator.main_process_first():
+        train_dataset = load_train_dataset(args)
+    train_dataloader = make_train_dataloader(train_dataset, args)
+
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = create_repo(
+            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token, private=True
+        ).repo_id
+
+    noise_scheduler, tokenizers, text_encoders, vae, unet, adapter = load_models(args, adapter_config)
+    accelerator.register_save_state_pre_hook(partial(save_adapter_hook, accelerator=accelerator))
+    accelerator.register_load_state_pre_hook(load_adapter_hook)
+
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+
+    optimizer = build_optimizer(adapter.parameters(), args)
+
+    # Frozen models run in the mixed-precision dtype; SDXL's own VAE stays float32 because it
+    # overflows in fp16 (a replacement VAE, e.g. the fp16-fix one, follows the weight dtype).
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path is not None else torch.float32
+    vae.to(accelerator.device, dtype=vae_dtype)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    for text_encoder in text_encoders:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    sigmas_by_timestep = sigma_table(noise_scheduler).to(accelerator.device)
+
+    num_update_steps_per_epoch = math.ceil(
+        math.ceil(len(train_dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
+    )
+    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps, accelerator.num_processes)
+
+    adapter, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        adapter, optimizer, train_dataloader, lr_scheduler
+    )
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_dataset)}")
+    logger.info(f"  Num batches each epoch = {len(train_dataloader)}")
+    logger.info(f"  Num epochs = {num_train_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (parallel, distributed, accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimisation steps = {max_train_steps}")
+
+    global_step = 0
+    resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and resume_path is None:
+        accelerator.print(f"Checkpoint {args.resume_from_checkpoint!r} does not exist. Starting a new training run.")
+    if resume_path is not None:
+        accelerator.print(f"Resuming from checkpoint {resume_path}")
+        accelerator.load_state(resume_path)
+        global_step = checkpoint_step(resume_path)
+    first_epoch = global_step // num_update_steps_per_epoch
+    batches_to_skip = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    components = {
+        "vae": vae,
+        "unet": unet,
+        "text_encoders": text_encoders,
+        "tokenizers": tokenizers,
+        "noise_scheduler": noise_scheduler,
+    }
+    progress_bar = tqdm(
+        range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    image_logs = None
+    validated_step = None
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for epoch in range(first_epoch, num_train_epochs):
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and batches_to_skip:
+            # Replay the interrupted epoch's order and skip what was already trained on.
+            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        for batch in batches:
+            with accelerator.accumulate(adapter):
+                latents = encode_latents(vae, batch["pixel_values"])
+                captions = select_captions(batch["captions"], args.proportion_empty_prompts)
+                prompt_embeds, pooled_embeds = encode_prompt(captions, text_encoders, tokenizers)
+                time_ids = compute_time_ids(
+                    (args.resolution, args.resolution),
+                    (args.crops_coords_top_left_h, args.crops_coords_top_left_w),
+                    (args.resolution, args.resolution),
+                    len(captions),
+                    device=accelerator.device,
+                )
+                loss = adapter_training_loss(
+                    unet,
+                    adapter,
+                    latents,
+                    batch["conditioning_pixel_values"],
+                    prompt_embeds,
+                    {"text_embeds": pooled_embeds, "time_ids": time_ids},
+                    sigmas_by_timestep,
+                    noise_scheduler.config.prediction_type,
+                    weight_dtype,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+            loss_sum += loss.detach()
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            # The step's loss: mean over its micro-batches and over all processes.
+            step_loss = accelerator.reduce(loss_sum / args.gradient_accumulation_steps, reduction="mean")
+            loss_sum.zero_()
+            logs = {"loss": step_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress_bar.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if args.validation_prompt is not None and global_step % args.validation_steps == 0:
+                if accelerator.is_main_process:
+                    image_logs = run_validation(components, adapter, args, accelerator, weight_dtype, global_step)
+                validated_step = global_step
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.validation_prompt is not None and validated_step != global_step:
+            image_logs = run_validation(components, adapter, args, accelerator, weight_dtype, global_step)
+        accelerator.unwrap_model(adapter).save_pretrained(args.output_dir)
+        save_model_card(repo_id or Path(args.output_dir).name, image_logs, args.pretrained_model_name_or_path, args.output_dir)
+        logger.info(f"Saved the adapter to {args.output_dir}")
+        if args.push_to_hub:
+            upload_folder(**hub_upload_arguments(repo_id, args.output_dir, args.hub_token))
+    accelerator.end_training()
+    return global_step
+
+
+if __name__ == "__main__":
+    main(parse_args())
