@@ -12,6 +12,7 @@ together. Every step is a module-level function so that tests can import it.
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -662,7 +663,7 @@ def text_encoder_class(location, subfolder, args):
     """The transformers class named in a text encoder's config."""
     import transformers
 
-    config = transformers.PretrainedConfig.from_pretrained(
+    config = transformers.AutoConfig.from_pretrained(
         location, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir
     )
     name = config.architectures[0]
@@ -949,16 +950,28 @@ def log_validation_images(image_logs, trackers, step):
             logger.warning(f"Image logging is not implemented for {tracker.name}.")
 
 
+def validation_dtype(device, weight_dtype):
+    """The dtype validation runs in. CUDA autocast covers the mixed dtypes of a reduced-precision
+    pipeline; CPU and MPS autocast do not cover group norm, so there validation runs in float32."""
+    return weight_dtype if device.type == "cuda" else torch.float32
+
+
 def run_validation(components, adapter, args, accelerator, weight_dtype, step):
     """Generate `num_validation_images` per (prompt, image) pair with the adapter as it is now,
     log them to every tracker and return them (for the model card).
 
-    The pipeline is built from the components already in memory, autocast follows the actual
-    device, and the global RNGs are left untouched so that validation never changes training.
+    The pipeline is built from the components already in memory (upstream re-reads the base
+    model from disk each time), autocast follows the actual device (upstream assumes CUDA), and
+    the global RNGs are left untouched so that validation never changes training.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLAdapterPipeline
 
     logger.info(f"Running validation at step {step}.")
+    device = accelerator.device
+    dtype = validation_dtype(device, weight_dtype)
+    frozen = [components["unet"], *components["text_encoders"]]
+    for model in frozen:
+        model.to(dtype)
     pipeline = StableDiffusionXLAdapterPipeline(
         vae=components["vae"],
         text_encoder=components["text_encoders"][0],
@@ -966,41 +979,37 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
         tokenizer=components["tokenizers"][0],
         tokenizer_2=components["tokenizers"][1],
         unet=components["unet"],
-        adapter=accelerator.unwrap_model(adapter),
+        # A copy in the UNet's dtype: float32 features would promote the UNet's activations.
+        adapter=copy.deepcopy(accelerator.unwrap_model(adapter)).to(dtype),
         scheduler=EulerDiscreteScheduler.from_config(components["noise_scheduler"].config),
     )
     pipeline.set_progress_bar_config(disable=True)
     if args.enable_xformers_memory_efficient_attention:
         pipeline.enable_xformers_memory_efficient_attention()
-    device = accelerator.device
-    if weight_dtype == torch.float32:
-        autocast = contextlib.nullcontext()
-    else:
-        autocast = torch.autocast(device.type, dtype=weight_dtype)
+    autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
     image_logs = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        python_state = random.getstate()
+    python_rng_state = random.getstate()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
         for prompt, image_path in pair_validation_inputs(args.validation_prompt, args.validation_image):
             condition = Image.open(image_path).convert("RGB").resize((args.resolution, args.resolution))
-            images = []
-            for _ in range(args.num_validation_images):
-                with autocast:
-                    images.append(
-                        pipeline(
-                            prompt=prompt,
-                            image=condition,
-                            height=args.resolution,
-                            width=args.resolution,
-                            num_inference_steps=20,
-                            generator=generator,
-                        ).images[0]
-                    )
+            images = [
+                pipeline(
+                    prompt=prompt,
+                    image=condition,
+                    height=args.resolution,
+                    width=args.resolution,
+                    num_inference_steps=20,
+                    generator=generator,
+                ).images[0]
+                for _ in range(args.num_validation_images)
+            ]
             image_logs.append({"validation_image": condition, "images": images, "validation_prompt": prompt})
-        random.setstate(python_state)
+    random.setstate(python_rng_state)
+    for model in frozen:
+        model.to(weight_dtype)
     log_validation_images(image_logs, accelerator.trackers, step)
-    del pipeline
     return image_logs
 
 
