@@ -13,12 +13,15 @@ together. Every step is a module-level function so that tests can import it.
 import argparse
 import contextlib
 import copy
+import io
 import logging
 import math
 import os
 import random
 import re
 import shutil
+import signal
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -201,6 +204,20 @@ def build_parser():
     parser.add_argument(
         "--set_grads_to_none", action="store_true", help="Set gradients to None instead of zero after each step."
     )
+    # Robustness (additions to upstream)
+    parser.add_argument(
+        "--skip_nonfinite_steps",
+        type=int,
+        default=0,
+        help="Skip up to N optimisation steps whose loss is NaN/inf (their update is dropped) before stopping."
+        " 0: stop at the first one.",
+    )
+    parser.add_argument(
+        "--skip_bad_samples",
+        action="store_true",
+        help="Drop samples with an unreadable image, a missing caption or mismatched image sizes (counted in"
+        " a warning) instead of stopping before training.",
+    )
     # Precision and kernels
     parser.add_argument(
         "--mixed_precision",
@@ -323,6 +340,8 @@ def check_args(args):
     for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"`--{flag}` must be at least 1, got {getattr(args, flag)}.")
+    if args.skip_nonfinite_steps < 0:
+        raise ValueError(f"`--skip_nonfinite_steps` must be at least 0, got {args.skip_nonfinite_steps}.")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"`--dataloader_num_workers` must be at least 0, got {args.dataloader_num_workers}.")
     if args.lr_scheduler not in LR_SCHEDULERS:
@@ -431,10 +450,11 @@ def load_train_dataset(args):
     """Load the training split, check its columns, shuffle with the seed and truncate."""
     from datasets import load_dataset
 
-    if args.dataset_name is not None:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
-    else:
-        dataset = load_dataset(args.train_data_dir, cache_dir=args.cache_dir)
+    flag, location = ("--dataset_name", args.dataset_name) if args.dataset_name else ("--train_data_dir", args.train_data_dir)
+    try:
+        dataset = load_dataset(location, args.dataset_config_name, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(f"`{flag}` {location!r} could not be loaded as a dataset (is it empty?): {error}") from error
     if "train" not in dataset:
         raise ValueError(f"The dataset has no 'train' split; it has: {', '.join(dataset)}.")
     train = dataset["train"]
@@ -446,6 +466,7 @@ def load_train_dataset(args):
             )
     if len(train) == 0:
         raise ValueError("The training dataset is empty.")
+    train = drop_or_refuse_bad_samples(train, args)
     train = train.shuffle(seed=args.seed)
     if args.max_train_samples is not None:
         if args.max_train_samples > len(train):
@@ -454,6 +475,78 @@ def load_train_dataset(args):
             )
         train = train.select(range(args.max_train_samples))
     return train
+
+
+def open_stored_image(value):
+    """A PIL image from what an undecoded `datasets.Image` column stores (bytes or a path)."""
+    if value is None:
+        raise ValueError("no image")
+    if value.get("bytes") is not None:
+        return Image.open(io.BytesIO(value["bytes"]))
+    return Image.open(value["path"])
+
+
+def sample_problem(image, conditioning_image, caption):
+    """Why a stored sample cannot be trained on, or None. Reads image headers and checks their
+    data without decoding the pixels."""
+    sizes = []
+    for name, value in (("image", image), ("conditioning image", conditioning_image)):
+        try:
+            with open_stored_image(value) as opened:
+                sizes.append(opened.size)
+                opened.verify()
+        except Exception as error:
+            return f"unreadable {name} ({error})"
+    if sizes[0] != sizes[1]:
+        return f"conditioning image is {sizes[1][0]}x{sizes[1][1]} but the image is {sizes[0][0]}x{sizes[0][1]}"
+    if caption is None or not isinstance(caption, (str, list)) or (isinstance(caption, list) and not caption):
+        return f"missing caption ({caption!r})"
+    return None
+
+
+def find_bad_samples(dataset, args):
+    """(row, problem) for every sample that cannot be trained on."""
+    from datasets import Image as ImageFeature
+
+    for flag in ("image_column", "conditioning_image_column"):
+        column = getattr(args, flag)
+        if not isinstance(dataset.features[column], ImageFeature):
+            raise ValueError(
+                f"`--{flag}` column {column!r} holds {dataset.features[column]}, not images."
+                " (An imagefolder's metadata.jsonl must name it with the '_file_name' suffix.)"
+            )
+    stored = dataset.select_columns([args.image_column, args.conditioning_image_column, args.caption_column])
+    for column in (args.image_column, args.conditioning_image_column):
+        stored = stored.cast_column(column, ImageFeature(decode=False))
+    bad = []
+    for row, sample in enumerate(stored):
+        problem = sample_problem(
+            sample[args.image_column], sample[args.conditioning_image_column], sample[args.caption_column]
+        )
+        if problem is not None:
+            bad.append((row, problem))
+    return bad
+
+
+def drop_or_refuse_bad_samples(dataset, args):
+    """Check every sample before training: stop with the rows at fault, or drop them with
+    --skip_bad_samples."""
+    bad = find_bad_samples(dataset, args)
+    if not bad:
+        return dataset
+    listing = "; ".join(f"row {row}: {problem}" for row, problem in bad[:5])
+    more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+    columns = f"columns {args.image_column!r}, {args.conditioning_image_column!r}, {args.caption_column!r}"
+    if not args.skip_bad_samples:
+        raise ValueError(
+            f"{len(bad)} bad training sample(s) in {columns}: {listing}{more}. Fix them, or pass --skip_bad_samples."
+        )
+    logger.warning(f"Skipping {len(bad)} of {len(dataset)} training samples: {listing}{more}.")
+    bad_rows = {row for row, _ in bad}
+    dataset = dataset.select([row for row in range(len(dataset)) if row not in bad_rows])
+    if len(dataset) == 0:
+        raise ValueError("Every training sample is bad; nothing is left to train on.")
+    return dataset
 
 
 def image_transform(resolution):
@@ -685,7 +778,7 @@ def load_tokenizers(args):
         return [load(args.pretrained_model_name_or_path, "tokenizer"), load(args.pretrained_model_name_or_path, "tokenizer_2")]
     if os.path.isdir(os.path.join(args.tokenizer_name, "tokenizer")):
         return [load(args.tokenizer_name, "tokenizer"), load(args.tokenizer_name, "tokenizer_2")]
-    tokenizer = load(args.tokenizer_name, None)
+    tokenizer = load(args.tokenizer_name, "")
     return [tokenizer, tokenizer]
 
 
@@ -1101,6 +1194,87 @@ def build_lr_scheduler(optimizer, args, max_train_steps, num_processes):
     )
 
 
+def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, device):
+    """Latents, text embeddings and micro-conditioning for one batch, then the adapter's loss."""
+    latents = encode_latents(components["vae"], batch["pixel_values"])
+    captions = select_captions(batch["captions"], args.proportion_empty_prompts)
+    prompt_embeds, pooled_embeds = encode_prompt(captions, components["text_encoders"], components["tokenizers"])
+    resolution = (args.resolution, args.resolution)
+    crop = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
+    time_ids = compute_time_ids(resolution, crop, resolution, len(captions), device=device)
+    return adapter_training_loss(
+        components["unet"],
+        adapter,
+        latents,
+        batch["conditioning_pixel_values"].to(device),
+        prompt_embeds,
+        {"text_embeds": pooled_embeds, "time_ids": time_ids},
+        sigmas_by_timestep,
+        components["noise_scheduler"].config.prediction_type,
+        weight_dtype,
+    )
+
+
+def check_step_loss(step_loss, step, skipped_steps, args):
+    """True when the step may update the adapter. A NaN/inf loss stops the run, naming the step,
+    unless --skip_nonfinite_steps allows skipping it (the update is dropped, the step counted)."""
+    if math.isfinite(step_loss):
+        return True
+    if skipped_steps < args.skip_nonfinite_steps:
+        logger.warning(
+            f"Non-finite loss ({step_loss}) at step {step}: update skipped"
+            f" ({skipped_steps + 1} of at most {args.skip_nonfinite_steps})."
+        )
+        return False
+    checkpoints = list_checkpoints(args.output_dir)
+    last_good = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
+    raise FloatingPointError(
+        f"Non-finite loss ({step_loss}) at step {step}; stopping before the update ({last_good})."
+        " Lower --learning_rate, try --mixed_precision bf16 instead of fp16, or allow a few skipped steps"
+        " with --skip_nonfinite_steps."
+    )
+
+
+class PreemptionHandler:
+    """Turns SIGTERM/SIGINT into a request to stop at the end of the current optimisation step,
+    after a checkpoint, instead of dying in the middle of one (preemptible GPUs, Ctrl-C)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.received = signum
+        logger.warning(f"Received {signal.Signals(signum).name}: stopping after the current step.")
+
+    def requested(self, accelerator):
+        """Whether any process received a signal (all processes must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
+
+    def stop(self, accelerator, step, output_dir):
+        self.restore()
+        name = signal.Signals(self.received).name if self.received else "a signal on another process"
+        message = (
+            f"Stopped by {name} at step {step}; saved {os.path.join(output_dir, f'checkpoint-{step}')}."
+            " Resume with --resume_from_checkpoint latest."
+        )
+        logger.warning(message)
+        accelerator.end_training()
+        raise SystemExit(128 + (self.received or signal.SIGTERM))
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
 def main(args):
     adapter_config = check_inputs(args)
 
@@ -1208,7 +1382,9 @@ def main(args):
     )
     image_logs = None
     validated_step = None
-    loss_sum = torch.zeros((), device=accelerator.device)
+    skipped_steps = 0
+    loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
+    preemption = PreemptionHandler()
     for epoch in range(first_epoch, num_train_epochs):
         train_dataloader.set_epoch(epoch)
         batches = train_dataloader
@@ -1217,56 +1393,49 @@ def main(args):
             batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
         for batch in batches:
             with accelerator.accumulate(adapter):
-                latents = encode_latents(vae, batch["pixel_values"])
-                captions = select_captions(batch["captions"], args.proportion_empty_prompts)
-                prompt_embeds, pooled_embeds = encode_prompt(captions, text_encoders, tokenizers)
-                time_ids = compute_time_ids(
-                    (args.resolution, args.resolution),
-                    (args.crops_coords_top_left_h, args.crops_coords_top_left_w),
-                    (args.resolution, args.resolution),
-                    len(captions),
-                    device=accelerator.device,
-                )
-                loss = adapter_training_loss(
-                    unet,
-                    adapter,
-                    latents,
-                    batch["conditioning_pixel_values"],
-                    prompt_embeds,
-                    {"text_embeds": pooled_embeds, "time_ids": time_ids},
-                    sigmas_by_timestep,
-                    noise_scheduler.config.prediction_type,
-                    weight_dtype,
-                )
+                loss = batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, accelerator.device)
                 accelerator.backward(loss)
+                loss_sum, micro_steps = loss_sum + loss.detach(), micro_steps + 1
+                update = True
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
-                optimizer.step()
+                    # The step's loss (mean over micro-batches and processes), checked before the update.
+                    step_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
+                    loss_sum, micro_steps = torch.zeros_like(loss_sum), 0
+                    update = check_step_loss(step_loss, global_step + 1, skipped_steps, args)
+                    skipped_steps += not update
+                    if update:
+                        accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
+                if update:
+                    optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-            loss_sum += loss.detach()
-
             if not accelerator.sync_gradients:
                 continue
+
             global_step += 1
             progress_bar.update(1)
-            # The step's loss: mean over its micro-batches and over all processes.
-            step_loss = accelerator.reduce(loss_sum / args.gradient_accumulation_steps, reduction="mean")
-            loss_sum.zero_()
-            logs = {"loss": step_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
             progress_bar.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0:
+            saved = global_step % args.checkpointing_steps == 0
+            if saved:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_prompt is not None and global_step % args.validation_steps == 0:
                 if accelerator.is_main_process:
                     image_logs = run_validation(components, adapter, args, accelerator, weight_dtype, global_step)
                 validated_step = global_step
+            if preemption.requested(accelerator):
+                if not saved:
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                preemption.stop(accelerator, global_step, args.output_dir)
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
             break
+    preemption.restore()
+    if skipped_steps:
+        logger.warning(f"Skipped {skipped_steps} optimisation step(s) with a non-finite loss.")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -1,0 +1,29 @@
+"""Test helper: run the training script under torchrun and save each rank's final adapter weights
+to $RANK_WEIGHTS_DIR/rank<N>.safetensors, so a test can check that all ranks agree.
+
+Usage: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py <training flags>
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from accelerate import Accelerator  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import train_t2i_adapter_sdxl as train  # noqa: E402
+
+end_training = Accelerator.end_training
+
+
+def save_rank_weights_then_end_training(accelerator):
+    adapter = accelerator.unwrap_model(accelerator._models[0])
+    state = {key: value.detach().cpu().contiguous() for key, value in adapter.state_dict().items()}
+    save_file(state, os.path.join(os.environ["RANK_WEIGHTS_DIR"], f"rank{accelerator.process_index}.safetensors"))
+    end_training(accelerator)
+
+
+if __name__ == "__main__":
+    Accelerator.end_training = save_rank_weights_then_end_training
+    train.main(train.parse_args())

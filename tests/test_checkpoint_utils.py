@@ -1,0 +1,157 @@
+"""Checkpoint folder bookkeeping: listing, pruning, choosing what to resume from, reading the step."""
+
+import os
+
+import pytest
+
+import train_t2i_adapter_sdxl as train
+
+
+@pytest.fixture(autouse=True)
+def accelerate_state():
+    """prune_checkpoints logs through accelerate's logger, which needs a state (main() always has one)."""
+    from accelerate.state import PartialState
+
+    PartialState()
+    yield
+    PartialState._reset_state()
+
+
+def make_folder(output_dir, steps, extra=()):
+    os.makedirs(output_dir, exist_ok=True)
+    for step in steps:
+        os.makedirs(os.path.join(output_dir, f"checkpoint-{step}"))
+        with open(os.path.join(output_dir, f"checkpoint-{step}", "state.bin"), "w") as f:
+            f.write(str(step))
+    for name in extra:
+        path = os.path.join(output_dir, name)
+        if name.endswith("/"):
+            os.makedirs(path)
+        else:
+            with open(path, "w") as f:
+                f.write("x")
+    return str(output_dir)
+
+
+def names(paths):
+    return [os.path.basename(path) for path in paths]
+
+
+def test_list_checkpoints_sorts_numerically_and_ignores_the_rest(tmp_path):
+    """Only complete checkpoint-N folders are listed, oldest first by number (10 after 9): not checkpoint-7.tmp,
+    not other folders or files."""
+    output_dir = make_folder(
+        tmp_path / "out", [10, 9, 2, 100],
+        extra=["checkpoint-7.tmp/", "checkpoint-x/", "logs/", "checkpoint-11-old/", "README.md", "checkpoint-5.zip"],
+    )
+    listed = train.list_checkpoints(output_dir)
+    assert names(listed) == ["checkpoint-2", "checkpoint-9", "checkpoint-10", "checkpoint-100"]
+    assert all(os.path.dirname(path) == output_dir for path in listed)
+
+
+def test_files_named_like_checkpoints_are_not_checkpoints(tmp_path):
+    """A plain file called checkpoint-N is not a checkpoint: pruning keeps the newest real checkpoints (counting the
+    file, it would delete the one just saved), "latest" is a real checkpoint folder, and listing skips the file."""
+    output_dir = make_folder(tmp_path / "out", [1, 2], extra=["checkpoint-8"])
+    train.prune_checkpoints(output_dir, 1)
+    assert os.path.isdir(os.path.join(output_dir, "checkpoint-2")), "the newest real checkpoint was pruned"
+    assert not os.path.exists(os.path.join(output_dir, "checkpoint-1"))
+    assert os.path.isfile(os.path.join(output_dir, "checkpoint-8"))
+    assert train.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-2")
+    assert names(train.list_checkpoints(output_dir)) == ["checkpoint-2"]
+
+
+def test_list_checkpoints_of_missing_or_empty_folder_is_empty(tmp_path):
+    """No folder, or no checkpoints in it: an empty list."""
+    assert train.list_checkpoints(str(tmp_path / "missing")) == []
+    assert train.list_checkpoints(make_folder(tmp_path / "empty", [], extra=["logs/"])) == []
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_prune_keeps_exactly_the_newest_n(tmp_path, limit):
+    """prune_checkpoints deletes the oldest so that exactly the newest `limit` remain; everything else stays."""
+    output_dir = make_folder(tmp_path / "out", [1, 9, 10, 20], extra=["checkpoint-30.tmp/", "notes.txt"])
+    removed = train.prune_checkpoints(output_dir, limit)
+    remaining = names(train.list_checkpoints(output_dir))
+    assert remaining == ["checkpoint-1", "checkpoint-9", "checkpoint-10", "checkpoint-20"][-limit:]
+    assert sorted(names(removed)) == sorted(set(["checkpoint-1", "checkpoint-9", "checkpoint-10", "checkpoint-20"]) - set(remaining))
+    for path in removed:
+        assert not os.path.exists(path)
+    assert os.path.isdir(os.path.join(output_dir, "checkpoint-30.tmp"))
+    assert os.path.isfile(os.path.join(output_dir, "notes.txt"))
+    with open(os.path.join(output_dir, remaining[-1], "state.bin")) as f:
+        assert f.read() == "20"
+
+
+@pytest.mark.parametrize("limit", [None, 4, 10])
+def test_prune_within_limit_removes_nothing(tmp_path, limit):
+    """With no limit, or no more checkpoints than the limit, nothing is removed."""
+    output_dir = make_folder(tmp_path / "out", [1, 2, 3, 4])
+    assert train.prune_checkpoints(output_dir, limit) == []
+    assert len(train.list_checkpoints(output_dir)) == 4
+
+
+def test_resolve_latest_picks_highest_step(tmp_path):
+    """"latest" is the highest-numbered complete checkpoint (not the lexically last, not a .tmp one)."""
+    output_dir = make_folder(tmp_path / "out", [9, 10, 2], extra=["checkpoint-99.tmp/"])
+    assert train.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-10")
+
+
+def test_resolve_latest_without_checkpoints_is_none(tmp_path):
+    """"latest" with no checkpoint (or no output folder yet) starts fresh: None."""
+    assert train.resolve_resume_checkpoint(make_folder(tmp_path / "out", []), "latest") is None
+    assert train.resolve_resume_checkpoint(str(tmp_path / "missing"), "latest") is None
+
+
+def test_resolve_by_name_and_by_path(tmp_path):
+    """A checkpoint name is looked up in output_dir; a path is used as it is (even outside output_dir)."""
+    output_dir = make_folder(tmp_path / "out", [5, 10])
+    other = make_folder(tmp_path / "elsewhere", [7])
+    assert train.resolve_resume_checkpoint(output_dir, "checkpoint-5") == os.path.join(output_dir, "checkpoint-5")
+    path = os.path.join(output_dir, "checkpoint-10")
+    assert train.resolve_resume_checkpoint(output_dir, path) == path
+    assert train.resolve_resume_checkpoint(output_dir, path + "/") == path + "/"
+    elsewhere = os.path.join(other, "checkpoint-7")
+    assert train.resolve_resume_checkpoint(output_dir, elsewhere) == elsewhere
+
+
+def test_resolve_missing_checkpoint_is_none(tmp_path):
+    """A checkpoint that does not exist gives None (the run then starts fresh, with a message); no resume request
+    gives None too."""
+    output_dir = make_folder(tmp_path / "out", [5])
+    assert train.resolve_resume_checkpoint(output_dir, "checkpoint-6") is None
+    assert train.resolve_resume_checkpoint(output_dir, str(tmp_path / "nowhere" / "checkpoint-6")) is None
+    assert train.resolve_resume_checkpoint(output_dir, None) is None
+
+
+def test_resolve_missing_path_falls_back_to_its_name_in_output_dir(tmp_path):
+    """Upstream resumes from output_dir/<basename of the argument>: a path that does not exist but whose name is
+    a checkpoint in output_dir resolves to that checkpoint."""
+    output_dir = make_folder(tmp_path / "out", [5])
+    resolved = train.resolve_resume_checkpoint(output_dir, str(tmp_path / "nowhere" / "checkpoint-5"))
+    assert resolved == os.path.join(output_dir, "checkpoint-5")
+
+
+def test_resolve_non_checkpoint_folder_is_an_error(tmp_path):
+    """An existing folder that is not named checkpoint-<step> cannot give a step: an error naming it."""
+    output_dir = make_folder(tmp_path / "out", [5], extra=["logs/"])
+    with pytest.raises(ValueError, match="logs"):
+        train.resolve_resume_checkpoint(output_dir, "logs")
+    with pytest.raises(ValueError, match="logs"):
+        train.resolve_resume_checkpoint(output_dir, os.path.join(output_dir, "logs"))
+
+
+@pytest.mark.parametrize(
+    "path,step",
+    [("checkpoint-0", 0), ("checkpoint-12", 12), ("/a/b/checkpoint-1500", 1500), ("out/checkpoint-7/", 7)],
+)
+def test_checkpoint_step(path, step):
+    """The step is read from the folder name, with or without a leading path or trailing slash."""
+    assert train.checkpoint_step(path) == step
+
+
+@pytest.mark.parametrize("path", ["checkpoint-7.tmp", "checkpoint-", "checkpoint-x", "logs", "/a/checkpoint-3/logs"])
+def test_checkpoint_step_refuses_other_names(path):
+    """Names that are not checkpoint-<step> are refused."""
+    with pytest.raises(ValueError):
+        train.checkpoint_step(path)

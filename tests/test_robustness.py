@@ -1,0 +1,300 @@
+"""Training that survives interruption, bad data and many processes (issue 3)."""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import train_t2i_adapter_sdxl as train
+from helpers import load_adapter_weights, max_weight_difference, run_training, training_argv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET_TOKEN = "hf_robustnessTOKENneverLOGGED987"
+
+
+def copy_checkpoints(source, destination, names):
+    for name in names:
+        shutil.copytree(source / name, destination / name)
+
+
+def test_exact_resume_with_accumulation_workers_and_empty_prompts(tiny_sdxl, fill_data, tmp_path):
+    """Interrupted mid-epoch with gradient accumulation 2, a DataLoader worker, empty prompts and
+    warm-up + cosine: the resumed run ends bit for bit where the straight run ends."""
+    flags = ["--max_train_steps", 7, "--gradient_accumulation_steps", 2, "--dataloader_num_workers", 1,
+             "--proportion_empty_prompts", 0.5, "--lr_scheduler", "cosine", "--lr_warmup_steps", 2,
+             "--checkpointing_steps", 1, "--checkpoints_total_limit", 10]
+    run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "straight", *flags))
+    # 32 samples / batch 4 / accumulation 2 = 4 steps per epoch: step 5 is inside the second epoch.
+    copy_checkpoints(tmp_path / "straight", tmp_path / "resumed", ["checkpoint-5"])
+    assert run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "resumed", *flags,
+                                      "--resume_from_checkpoint", "latest")) == 7
+    assert max_weight_difference(load_adapter_weights(tmp_path / "straight"),
+                                 load_adapter_weights(tmp_path / "resumed")) == 0
+
+
+def test_same_seed_same_adapter_other_seed_other_adapter(tiny_sdxl, fill_data, tmp_path):
+    """Determinism on CPU: the same seed and data give the same adapter bit for bit."""
+    flags = ["--max_train_steps", 3, "--dataloader_num_workers", 1]
+    for name in ("a", "b"):
+        run_training(training_argv(tiny_sdxl, fill_data, tmp_path / name, *flags))
+    argv = training_argv(tiny_sdxl, fill_data, tmp_path / "c", *flags)
+    argv[argv.index("--seed") + 1] = "1"
+    run_training(argv)
+    a, b, c = (load_adapter_weights(tmp_path / name) for name in "abc")
+    assert max_weight_difference(a, b) == 0
+    assert max_weight_difference(a, c) > 0
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_within_seconds(tiny_sdxl, fill_data, tmp_path):
+    """SIGTERM to a real training process: it finishes the current step, saves checkpoint-<step>,
+    says where it stopped and exits quickly; resuming from it gives the straight run's adapter.
+    The Hub token passed on the command line appears in no output and no file."""
+    output_dir = tmp_path / "preempted"
+    argv = training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", 1000, "--checkpointing_steps", 2,
+                         "--hub_token", SECRET_TOKEN)
+    argv[argv.index("--report_to") + 1] = "tensorboard"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_t2i_adapter_sdxl.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (output_dir / "checkpoint-2").is_dir():
+        assert process.poll() is None and time.time() < deadline, "training did not reach step 2"
+        time.sleep(0.2)
+    signalled = time.time()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    seconds_to_exit = time.time() - signalled
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert seconds_to_exit < 30
+    stopped = re.search(r"Stopped by SIGTERM at step (\d+); saved (\S+)checkpoint-(\d+)\.", stderr)
+    assert stopped, stderr[-2000:]
+    step = int(stopped.group(1))
+    assert int(stopped.group(3)) == step and 2 <= step < 1000
+    assert train.list_checkpoints(output_dir)[-1] == str(output_dir / f"checkpoint-{step}")
+    assert not (output_dir / "diffusion_pytorch_model.safetensors").exists()  # not a finished run
+
+    # Secrets: nothing printed or written holds the token.
+    assert SECRET_TOKEN not in stdout + stderr
+    for path in output_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET_TOKEN.encode() not in path.read_bytes(), path
+
+    # Resume and compare with an uninterrupted run of the same length.
+    flags = ["--max_train_steps", step + 2, "--checkpointing_steps", 2]
+    run_training(training_argv(tiny_sdxl, fill_data, output_dir, *flags, "--resume_from_checkpoint", "latest"))
+    run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "straight", *flags))
+    assert max_weight_difference(load_adapter_weights(output_dir), load_adapter_weights(tmp_path / "straight")) == 0
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tiny_sdxl, fill_data, tmp_path, monkeypatch):
+    """A crash in the middle of writing checkpoint-4 leaves checkpoint-2 complete and 'latest';
+    resuming from it reproduces the straight run."""
+    save_state = Accelerator.save_state
+
+    def crash_while_saving_step_4(self, output_dir=None, **kwargs):
+        if "checkpoint-4" in str(output_dir):
+            os.makedirs(output_dir, exist_ok=True)
+            open(os.path.join(output_dir, "optimizer.bin"), "wb").write(b"half")
+            raise RuntimeError("simulated crash while saving")
+        return save_state(self, output_dir, **kwargs)
+
+    flags = ["--max_train_steps", 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1]
+    monkeypatch.setattr(Accelerator, "save_state", crash_while_saving_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "crashed", *flags))
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+
+    assert train.list_checkpoints(tmp_path / "crashed") == [str(tmp_path / "crashed" / "checkpoint-2")]
+    assert (tmp_path / "crashed" / "checkpoint-2" / "optimizer.bin").stat().st_size > 4
+    run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "crashed", *flags, "--resume_from_checkpoint", "latest"))
+    run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "straight", *flags))
+    assert max_weight_difference(load_adapter_weights(tmp_path / "crashed"),
+                                 load_adapter_weights(tmp_path / "straight")) == 0
+    # The stale partial folder was replaced by the real checkpoint; the limit then kept only the newest.
+    assert sorted(p.name for p in (tmp_path / "crashed").glob("checkpoint-*")) == ["checkpoint-6"]
+
+
+def inject_nan_at_calls(monkeypatch, calls):
+    loss_fn = train.adapter_training_loss
+    counter = {"calls": 0}
+
+    def loss_with_nan(*args, **kwargs):
+        counter["calls"] += 1
+        loss = loss_fn(*args, **kwargs)
+        return loss * float("nan") if counter["calls"] in calls else loss
+
+    monkeypatch.setattr(train, "adapter_training_loss", loss_with_nan)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_sdxl, fill_data, tmp_path, monkeypatch):
+    inject_nan_at_calls(monkeypatch, {3})
+    checkpoint_flags = ["--checkpointing_steps", 2]
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss \(nan\) at step 3; .*checkpoint-2"):
+        run_training(training_argv(tiny_sdxl, fill_data, tmp_path, "--max_train_steps", 6, *checkpoint_flags))
+    assert train.list_checkpoints(tmp_path) == [str(tmp_path / "checkpoint-2")]
+    weights = load_adapter_weights(tmp_path / "checkpoint-2" / train.ADAPTER_SUBFOLDER)
+    assert all(torch.isfinite(value).all() for value in weights.values())
+    assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_nan_loss_can_be_skipped_up_to_a_limit(tiny_sdxl, fill_data, tmp_path, monkeypatch):
+    """--skip_nonfinite_steps 1: one NaN step is skipped and the run finishes with finite weights;
+    a second NaN step then stops the run."""
+    inject_nan_at_calls(monkeypatch, {2})
+    run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "one", "--max_train_steps", 4,
+                               "--skip_nonfinite_steps", 1))
+    weights = load_adapter_weights(tmp_path / "one")
+    assert all(torch.isfinite(value).all() for value in weights.values())
+
+    inject_nan_at_calls(monkeypatch, {2, 4})
+    with pytest.raises(FloatingPointError, match="at step 4"):
+        run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "two", "--max_train_steps", 6,
+                                   "--skip_nonfinite_steps", 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad data
+# ----------------------------------------------------------------------------------------------
+
+
+def copy_imagefolder(fill_data, destination):
+    shutil.copytree(fill_data["imagefolder"], destination)
+    metadata = destination / "train" / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    return metadata, rows
+
+
+def write_rows(metadata, rows):
+    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def corrupt_image(folder, rows, row):
+    path = folder / "train" / rows[row]["file_name"]
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def shrink_condition(folder, rows, row):
+    from PIL import Image
+
+    path = folder / "train" / rows[row]["conditioning_image_file_name"]
+    Image.open(path).resize((32, 32)).save(path)
+
+
+def drop_caption(folder, rows, row):
+    rows[row]["text"] = None
+
+
+BAD_SAMPLES = {
+    "corrupt image": (corrupt_image, r"row 5: unreadable image"),
+    "condition of another size": (shrink_condition, r"row 5: conditioning image is 32x32 but the image is 64x64"),
+    "missing caption": (drop_caption, r"row 5: missing caption \(None\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_bad_sample_fails_before_training_or_is_skipped(tiny_sdxl, fill_data, tmp_path, monkeypatch, case):
+    """A bad sample stops the run before any model loads, naming the row and the columns, and leaves
+    what is in output_dir alone; with --skip_bad_samples the run trains on the rest."""
+    damage, message = BAD_SAMPLES[case]
+    folder = tmp_path / "data"
+    metadata, rows = copy_imagefolder(fill_data, folder)
+    # Rows are listed in metadata order (datasets' imagefolder keeps it).
+    damage(folder, rows, 5)
+    write_rows(metadata, rows)
+    output_dir = tmp_path / "out"
+    (output_dir / "checkpoint-7").mkdir(parents=True)
+    (output_dir / "checkpoint-7" / "keep.txt").write_text("earlier work")
+    data = {"imagefolder": folder}
+
+    load_models = train.load_models
+    monkeypatch.setattr(train, "load_models", lambda *a: pytest.fail("models loaded before the data check"))
+    with pytest.raises(ValueError, match=message) as error:
+        run_training(training_argv(tiny_sdxl, data, output_dir, "--max_train_steps", 1))
+    assert "'image', 'conditioning_image', 'text'" in str(error.value) and "--skip_bad_samples" in str(error.value)
+    assert (output_dir / "checkpoint-7" / "keep.txt").read_text() == "earlier work"
+
+    monkeypatch.setattr(train, "load_models", load_models)
+    assert run_training(training_argv(tiny_sdxl, data, output_dir, "--max_train_steps", 1, "--skip_bad_samples")) == 1
+    assert (output_dir / "checkpoint-7" / "keep.txt").is_file()
+
+
+def test_text_in_an_image_column_is_refused(tiny_sdxl, fill_data, tmp_path):
+    """A metadata key without the '_file_name' suffix loads as text: a clear error, not a crash."""
+    folder = tmp_path / "data"
+    metadata, rows = copy_imagefolder(fill_data, folder)
+    for row in rows:
+        row["conditioning_image"] = row.pop("conditioning_image_file_name")
+    write_rows(metadata, rows)
+    with pytest.raises(ValueError, match=r"`--conditioning_image_column` column 'conditioning_image' holds .*string"):
+        run_training(training_argv(tiny_sdxl, {"imagefolder": folder}, tmp_path / "out", "--max_train_steps", 1))
+
+
+def test_an_empty_dataset_is_refused(tiny_sdxl, tmp_path):
+    from datasets import Dataset, Features, Image, Value
+
+    features = Features({"image": Image(), "conditioning_image": Image(), "text": Value("string")})
+    empty = Dataset.from_dict({"image": [], "conditioning_image": [], "text": []}, features=features)
+    (tmp_path / "parquet" / "data").mkdir(parents=True)
+    empty.to_parquet(str(tmp_path / "parquet" / "data" / "train-00000-of-00001.parquet"))
+    argv = training_argv(tiny_sdxl, {"imagefolder": tmp_path}, tmp_path / "out", "--max_train_steps", 1)
+    index = argv.index("--train_data_dir")
+    argv[index:index + 2] = ["--dataset_name", str(tmp_path / "parquet")]
+    with pytest.raises(ValueError, match=r"`--dataset_name` '.*parquet' could not be loaded .*no data"):
+        run_training(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes
+# ----------------------------------------------------------------------------------------------
+
+
+def run_two_processes(tiny_sdxl, fill_data, output_dir, weights_dir, *flags):
+    os.makedirs(weights_dir, exist_ok=True)
+    argv = training_argv(tiny_sdxl, fill_data, output_dir, *flags)
+    argv[argv.index("--report_to") + 1] = "tensorboard"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "RANK_WEIGHTS_DIR": str(weights_dir), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(ROOT, "tests", "ddp_worker.py"), *argv],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DistributedType.MULTI_CPU" in result.stderr and "Num processes: 2" in result.stderr
+    ranks = [load_adapter_weights_file(weights_dir / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert max_weight_difference(*ranks) == 0, "the two ranks hold different adapters"
+    return ranks[0]
+
+
+def load_adapter_weights_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_two_processes_train_checkpoint_resume_and_agree(tiny_sdxl, fill_data, tmp_path):
+    """Real 2-process data parallelism (gloo on CPU): both ranks hold identical weights; the LR warm-up
+    counts optimisation steps, not scheduler calls (upstream warms up twice as fast on 2 processes);
+    a run resumed from a checkpoint ends where the uninterrupted run ends."""
+    from test_end_to_end import tensorboard_tags
+
+    flags = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--lr_scheduler", "constant_with_warmup",
+             "--lr_warmup_steps", 8]
+    straight = run_two_processes(tiny_sdxl, fill_data, tmp_path / "straight", tmp_path / "w1", *flags)
+    assert (tmp_path / "straight" / "checkpoint-4" / train.ADAPTER_SUBFOLDER / "config.json").is_file()
+    logged = tensorboard_tags(tmp_path / "straight" / "logs")["scalars"]
+    assert [round(lr / 1e-3, 6) for _, lr in logged["lr"]] == [round(step / 8, 6) for step in (1, 2, 3, 4)]
+    assert all(math.isfinite(loss) for _, loss in logged["loss"])
+    assert max_weight_difference(straight, load_adapter_weights(tmp_path / "straight")) == 0
+
+    copy_checkpoints(tmp_path / "straight", tmp_path / "resumed", ["checkpoint-2"])
+    resumed = run_two_processes(tiny_sdxl, fill_data, tmp_path / "resumed", tmp_path / "w2", *flags,
+                                "--resume_from_checkpoint", "latest")
+    assert max_weight_difference(straight, resumed) == 0
