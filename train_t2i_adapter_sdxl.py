@@ -914,7 +914,8 @@ def list_checkpoints(output_dir):
     a '.tmp' suffix and are never listed."""
     if not os.path.isdir(output_dir):
         return []
-    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(output_dir)) if m)
+    matches = (CHECKPOINT_PATTERN.match(name) for name in os.listdir(output_dir))
+    steps = sorted(int(m.group(1)) for m in matches if m and os.path.isdir(os.path.join(output_dir, m.group(0))))
     return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
 
 
@@ -1049,6 +1050,11 @@ def validation_dtype(device, weight_dtype):
     return weight_dtype if device.type == "cuda" else torch.float32
 
 
+def cast_to(model, dtype):
+    """Cast a model only when its dtype differs (a no-op cast still makes diffusers warn)."""
+    return model if model.dtype == dtype else model.to(dtype)
+
+
 def run_validation(components, adapter, args, accelerator, weight_dtype, step):
     """Generate `num_validation_images` per (prompt, image) pair with the adapter as it is now,
     log them to every tracker and return them (for the model card).
@@ -1064,7 +1070,7 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
     dtype = validation_dtype(device, weight_dtype)
     frozen = [components["unet"], *components["text_encoders"]]
     for model in frozen:
-        model.to(dtype)
+        cast_to(model, dtype)
     pipeline = StableDiffusionXLAdapterPipeline(
         vae=components["vae"],
         text_encoder=components["text_encoders"][0],
@@ -1073,7 +1079,7 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
         tokenizer_2=components["tokenizers"][1],
         unet=components["unet"],
         # A copy in the UNet's dtype: float32 features would promote the UNet's activations.
-        adapter=copy.deepcopy(accelerator.unwrap_model(adapter)).to(dtype),
+        adapter=cast_to(copy.deepcopy(accelerator.unwrap_model(adapter)), dtype),
         scheduler=EulerDiscreteScheduler.from_config(components["noise_scheduler"].config),
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -1101,7 +1107,7 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
             image_logs.append({"validation_image": condition, "images": images, "validation_prompt": prompt})
     random.setstate(python_rng_state)
     for model in frozen:
-        model.to(weight_dtype)
+        cast_to(model, weight_dtype)
     log_validation_images(image_logs, accelerator.trackers, step)
     return image_logs
 

@@ -159,6 +159,24 @@ def test_adapter_that_is_not_float32(tiny_sdxl, fill_data, tmp_path):
     )
 
 
+def test_float32_adapter_with_an_fp16_variant_beside_it_is_accepted(tiny_sdxl, fill_data, tmp_path):
+    """The Hub's usual layout (diffusion_pytorch_model.safetensors in float32 plus a .fp16.safetensors variant,
+    e.g. TencentARC's SDXL adapters) is a float32 adapter: from_pretrained loads the float32 file, so the input
+    checks pass and training goes on to load the models."""
+    from diffusers import T2IAdapter
+
+    unet_channels = list(read_config(tiny_sdxl, "unet")["block_out_channels"])
+    config = dict(in_channels=3, channels=unet_channels + unet_channels[-1:], num_res_blocks=2, downscale_factor=16,
+                  adapter_type="full_adapter_xl")
+    folder = save_adapter(tmp_path / "adapter", **config)
+    T2IAdapter(**config).to(torch.float16).save_pretrained(folder, variant="fp16")
+    assert os.path.isfile(os.path.join(folder, "diffusion_pytorch_model.fp16.safetensors"))
+    assert T2IAdapter.from_pretrained(folder).dtype == torch.float32
+    with pytest.raises(AssertionError, match="must not be reached"):
+        run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "out", "--adapter_model_name_or_path", folder,
+                                   "--max_train_steps", 1))
+
+
 def test_max_train_samples_larger_than_the_dataset(tiny_sdxl, fill_data, tmp_path):
     """--max_train_samples beyond the dataset's size is refused, naming the value and the size."""
     with open(os.path.join(fill_data["imagefolder"], "train", "metadata.jsonl")) as f:

@@ -1,0 +1,271 @@
+"""Validation pairing, the model card, what trackers and the Hub upload receive, and the text side of a
+step: caption selection, SDXL time ids and the two-encoder prompt embeddings."""
+
+import inspect
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_t2i_adapter_sdxl as train
+
+MINIMAL = ["--pretrained_model_name_or_path", "some/model", "--dataset_name", "some/dataset"]
+TAGS = (
+    "stable-diffusion-xl",
+    "stable-diffusion-xl-diffusers",
+    "text-to-image",
+    "diffusers",
+    "t2iadapter",
+    "diffusers-training",
+)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation pairs
+# ------------------------------------------------------------------------------------------
+
+
+def test_pair_validation_inputs_equal_counts_pair_in_order():
+    """Equal counts pair up position by position."""
+    assert train.pair_validation_inputs(["a", "b", "c"], ["1", "2", "3"]) == [("a", "1"), ("b", "2"), ("c", "3")]
+    assert train.pair_validation_inputs(["a"], ["1"]) == [("a", "1")]
+
+
+def test_pair_validation_inputs_single_image_is_shared():
+    """One image serves every prompt."""
+    assert train.pair_validation_inputs(["a", "b", "c"], ["1"]) == [("a", "1"), ("b", "1"), ("c", "1")]
+
+
+def test_pair_validation_inputs_single_prompt_is_shared():
+    """One prompt serves every image."""
+    assert train.pair_validation_inputs(["a"], ["1", "2", "3"]) == [("a", "1"), ("a", "2"), ("a", "3")]
+
+
+@pytest.mark.parametrize("num_prompts,num_images", [(2, 3), (3, 2), (4, 2)])
+def test_pair_validation_inputs_mismatch_is_refused(num_prompts, num_images):
+    """Other combinations cannot be paired: the error names both flags and both counts."""
+    with pytest.raises(ValueError) as error:
+        train.pair_validation_inputs([f"p{i}" for i in range(num_prompts)], [f"{i}.png" for i in range(num_images)])
+    message = str(error.value)
+    assert "--validation_prompt" in message and "--validation_image" in message
+    assert str(num_prompts) in message and str(num_images) in message
+
+
+# ------------------------------------------------------------------------------------------
+# Model card
+# ------------------------------------------------------------------------------------------
+
+
+def solid(color, size):
+    return Image.new("RGB", size, color)
+
+
+def front_matter(text):
+    import yaml
+
+    assert text.startswith("---\n")
+    end = text.index("\n---\n", 4)
+    return yaml.safe_load(text[4:end]), text[end + 5 :]
+
+
+def test_model_card_metadata_and_grids(tmp_path):
+    """README.md carries the license, base model and every upstream tag; per prompt a grid images_<i>.png of
+    width (1 + num images)·w shows the condition then the samples, and the card links it under its prompt."""
+    w, h = 10, 6
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    image_logs = [
+        {
+            "validation_image": solid((i * 40, 20, 200), (w, h)),
+            "images": [solid(color, (w, h)) for color in colors[:3]],
+            "validation_prompt": f"prompt number {i}",
+        }
+        for i in range(2)
+    ]
+    train.save_model_card("me/my-adapter", image_logs, "base/sdxl-model", str(tmp_path))
+
+    with open(tmp_path / "README.md") as f:
+        metadata, body = front_matter(f.read())
+    assert metadata["license"] == "creativeml-openrail-m"
+    assert metadata["base_model"] == "base/sdxl-model"
+    assert set(TAGS) <= set(metadata["tags"])
+    assert "base/sdxl-model" in body
+    for i, log in enumerate(image_logs):
+        assert log["validation_prompt"] in body
+        assert f"images_{i}.png" in body
+        grid = Image.open(tmp_path / f"images_{i}.png").convert("RGB")
+        assert grid.size == ((1 + len(log["images"])) * w, h)
+        tiles = [grid.crop((j * w, 0, (j + 1) * w, h)) for j in range(1 + len(log["images"]))]
+        for tile, expected in zip(tiles, [log["validation_image"], *log["images"]]):
+            assert np.array_equal(np.asarray(tile), np.asarray(expected))
+    assert body.index("prompt number 0") < body.index("images_0.png") < body.index("prompt number 1")
+
+
+def test_model_card_without_validation(tmp_path):
+    """Without validation images the card still has its metadata, and no grid is written."""
+    train.save_model_card("me/my-adapter", None, "base/sdxl-model", str(tmp_path))
+    with open(tmp_path / "README.md") as f:
+        metadata, _ = front_matter(f.read())
+    assert metadata["license"] == "creativeml-openrail-m" and set(TAGS) <= set(metadata["tags"])
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("images_")]
+
+
+# ------------------------------------------------------------------------------------------
+# Trackers and Hub
+# ------------------------------------------------------------------------------------------
+
+
+def test_tracker_config_has_no_token_and_no_lists():
+    """The tracker config is every argument but --hub_token, with list values (the validation flags) turned into
+    strings that keep every item; the arguments themselves are left unchanged."""
+    args = train.parse_args(
+        MINIMAL + ["--hub_token", "hf_SECRET123", "--validation_prompt", "red circle", "blue square",
+                   "--validation_image", "a.png", "b.png"]
+    )
+    config = train.tracker_config(args)
+    assert "hub_token" not in config
+    assert "hf_SECRET123" not in repr(config)
+    assert set(config) == set(vars(args)) - {"hub_token"}
+    assert not any(isinstance(value, (list, tuple, dict)) for value in config.values())
+    for prompt in ("red circle", "blue square"):
+        assert prompt in config["validation_prompt"]
+    assert "a.png" in config["validation_image"] and "b.png" in config["validation_image"]
+    assert config["learning_rate"] == args.learning_rate and config["resolution"] == args.resolution
+    assert args.validation_prompt == ["red circle", "blue square"] and args.hub_token == "hf_SECRET123"
+
+
+def test_tracker_config_is_accepted_by_tensorboard_hparams():
+    """TensorBoard's hparams (what accelerate's tensorboard tracker calls) accepts the config: no list values."""
+    from torch.utils.tensorboard.summary import hparams
+
+    args = train.parse_args(MINIMAL + ["--validation_prompt", "a", "b", "--validation_image", "x.png"])
+    with pytest.raises(ValueError):
+        hparams(dict(vars(args)), {})  # the raw arguments are not (lists), so this check means something
+    hparams(train.tracker_config(args), {})
+
+
+def test_hub_upload_arguments():
+    """upload_folder gets the repo, the output folder, the token, and ignores step_* and epoch_*; every key is a
+    parameter of huggingface_hub.upload_folder."""
+    from huggingface_hub import upload_folder
+
+    arguments = train.hub_upload_arguments("me/adapter", "/out/dir", "hf_tok")
+    assert arguments["repo_id"] == "me/adapter"
+    assert arguments["folder_path"] == "/out/dir"
+    assert arguments["token"] == "hf_tok"
+    assert {"step_*", "epoch_*"} <= set(arguments["ignore_patterns"])
+    assert set(arguments) <= set(inspect.signature(upload_folder).parameters)
+
+
+# ------------------------------------------------------------------------------------------
+# Captions
+# ------------------------------------------------------------------------------------------
+
+
+def test_select_captions_strings_pass_through():
+    """String captions are kept as they are with proportion 0."""
+    captions = ["a red circle", "a blue square", ""]
+    assert train.select_captions(captions, 0.0) == captions
+    assert train.select_captions(captions, 0.0, is_train=False) == captions
+
+
+def test_select_captions_list_random_in_training_first_otherwise():
+    """A list caption gives a random one of its items in training (all of them turn up) and the first otherwise."""
+    random.seed(0)
+    options = ["first", "second", "third"]
+    seen = {train.select_captions([options], 0.0)[0] for _ in range(200)}
+    assert seen == set(options)
+    for container in (options, tuple(options), np.array(options)):
+        assert {train.select_captions([container], 0.0, is_train=False)[0] for _ in range(50)} == {"first"}
+
+
+def test_select_captions_proportion_one_and_zero():
+    """Proportion 1 empties every caption; 0 empties none."""
+    captions = ["a", ["b", "c"], "d"] * 20
+    assert train.select_captions(captions, 1.0) == [""] * len(captions)
+    assert all(caption != "" for caption in train.select_captions(captions, 0.0))
+
+
+def test_select_captions_empty_prompts_are_drawn_anew_each_call():
+    """With proportion 0.5 about half the captions are emptied, and which ones changes between calls (upstream
+    draws once, so the same samples are empty in every epoch: defect 7)."""
+    random.seed(1)
+    captions = [f"caption {i}" for i in range(2000)]
+    first = train.select_captions(captions, 0.5)
+    second = train.select_captions(captions, 0.5)
+    for selected in (first, second):
+        assert abs(selected.count("") / len(captions) - 0.5) < 0.05
+    assert [c == "" for c in first] != [c == "" for c in second]
+
+
+@pytest.mark.parametrize("bad", [5, None, [], {"text": "x"}])
+def test_select_captions_bad_caption_type_is_refused(bad):
+    """A caption that is neither a string nor a non-empty list is refused, showing it."""
+    with pytest.raises(ValueError, match="caption"):
+        train.select_captions(["fine", bad], 0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# SDXL micro-conditioning and text embeddings
+# ------------------------------------------------------------------------------------------
+
+
+def test_compute_time_ids_shape_and_values():
+    """One (orig_h, orig_w, crop_top, crop_left, target_h, target_w) row per sample, in the requested dtype."""
+    time_ids = train.compute_time_ids((96, 80), (3, 5), (64, 72), 3, dtype=torch.float32)
+    assert time_ids.shape == (3, 6) and time_ids.dtype == torch.float32
+    for row in time_ids.tolist():
+        assert row == [96, 80, 3, 5, 64, 72]
+    assert train.compute_time_ids((64, 64), (0, 0), (64, 64), 2, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def text_side(tiny_sdxl):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    encoders = [
+        CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder").eval(),
+        CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2").eval(),
+    ]
+    return tokenizers, encoders
+
+
+def ids_for(tokenizer, captions):
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def test_encode_prompt_matches_penultimate_hidden_states_of_both_encoders(text_side):
+    """encode_prompt gives (B, 77, 32 + 64) prompt embeddings equal to the two encoders' hidden_states[-2]
+    concatenated, and (B, 32) pooled embeddings equal to the second encoder's projected output."""
+    tokenizers, encoders = text_side
+    captions = ["a red circle on white", "", "word " * 200]  # empty and over-long captions too
+    prompt_embeds, pooled = train.encode_prompt(captions, encoders, tokenizers)
+    hidden = [encoder.config.hidden_size for encoder in encoders]
+    assert prompt_embeds.shape == (len(captions), 77, sum(hidden)) == (3, 77, 96)
+    assert pooled.shape == (len(captions), encoders[1].config.projection_dim) == (3, 32)
+
+    expected_states = []
+    with torch.no_grad():
+        for tokenizer, encoder in zip(tokenizers, encoders):
+            output = encoder(ids_for(tokenizer, captions), output_hidden_states=True)
+            expected_states.append(output.hidden_states[-2])
+        expected_pooled = output.text_embeds
+    torch.testing.assert_close(prompt_embeds, torch.cat(expected_states, dim=-1))
+    torch.testing.assert_close(pooled, expected_pooled)
+    # The penultimate layer, not the last one.
+    with torch.no_grad():
+        last = encoders[0](ids_for(tokenizers[0], captions)).last_hidden_state
+    assert not torch.allclose(prompt_embeds[..., : hidden[0]], last)
+
+
+def test_encode_prompt_is_per_caption(text_side):
+    """Each row depends on its own caption only: encoding a caption alone gives the same row as in a batch."""
+    tokenizers, encoders = text_side
+    batch_embeds, batch_pooled = train.encode_prompt(["one caption", "another caption"], encoders, tokenizers)
+    alone_embeds, alone_pooled = train.encode_prompt(["another caption"], encoders, tokenizers)
+    torch.testing.assert_close(batch_embeds[1:], alone_embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch_pooled[1:], alone_pooled, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batch_embeds[0], batch_embeds[1])
