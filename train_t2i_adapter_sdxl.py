@@ -13,7 +13,9 @@ together. Every step is a module-level function so that tests can import it.
 import argparse
 import contextlib
 import copy
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -204,6 +206,24 @@ def build_parser():
     parser.add_argument(
         "--set_grads_to_none", action="store_true", help="Set gradients to None instead of zero after each step."
     )
+    # Speed (additions to upstream)
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode each training image with the VAE once, keep its latent distribution (float16) on disk, and"
+        " sample from it at every step instead of running the VAE. Reused across runs.",
+    )
+    parser.add_argument(
+        "--latent_cache_dir",
+        type=str,
+        default=None,
+        help="Where --cache_latents stores latents; default: <--cache_dir or ~/.cache/t2i-adapter-sdxl>/latents.",
+    )
+    parser.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile the UNet and the adapter (the first steps are slower while kernels compile).",
+    )
     # Robustness (additions to upstream)
     parser.add_argument(
         "--skip_nonfinite_steps",
@@ -386,11 +406,14 @@ def load_model_config(model_class, location, subfolder, args):
 
 
 def safetensors_dtypes(folder):
-    """The dtypes stored in a local diffusers model folder, read from safetensors headers only."""
+    """The dtypes of the weights `from_pretrained` loads from a local diffusers model folder (not
+    variants such as diffusion_pytorch_model.fp16.safetensors), read from safetensors headers only."""
     from safetensors import safe_open
 
     dtypes = set()
-    for path in Path(folder).glob("*.safetensors"):
+    weight_files = [*Path(folder).glob("diffusion_pytorch_model.safetensors"),
+                    *Path(folder).glob("diffusion_pytorch_model-*-of-*.safetensors")]
+    for path in weight_files:
         with safe_open(str(path), framework="pt") as weights:
             dtypes.update(str(weights.get_slice(key).get_dtype()) for key in weights.keys())
     return dtypes
@@ -581,32 +604,45 @@ def conditioning_image_transform(resolution, detection_resolution=None):
     return transforms.Compose(steps)
 
 
-def preprocess_train(examples, image_column, conditioning_image_column, caption_column, resolution, detection_resolution):
-    """The dataset transform: tensors for both images, captions left as they are."""
-    to_target = image_transform(resolution)
+def preprocess_train(
+    examples, image_column, conditioning_image_column, caption_column, resolution, detection_resolution,
+    latent_cache_dir=None,
+):
+    """The dataset transform: tensors for both images (or the target's cached latent
+    distribution), captions left as they are."""
     to_condition = conditioning_image_transform(resolution, detection_resolution)
-    return {
-        "pixel_values": [to_target(image.convert("RGB")) for image in examples[image_column]],
+    batch = {
         "conditioning_pixel_values": [to_condition(image.convert("RGB")) for image in examples[conditioning_image_column]],
         "captions": list(examples[caption_column]),
     }
+    if latent_cache_dir is None:
+        to_target = image_transform(resolution)
+        batch["pixel_values"] = [to_target(image.convert("RGB")) for image in examples[image_column]]
+    else:
+        cached = [load_cached_latents(latent_cache_dir, key) for key in examples[LATENT_KEY_COLUMN]]
+        batch["latent_mean"] = [latents["mean"] for latents in cached]
+        batch["latent_std"] = [latents["std"] for latents in cached]
+    return batch
 
 
 def collate_fn(examples):
+    """Stack the tensors of a batch; keep the captions as a list."""
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).float(),
-        "conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples]).float(),
-        "captions": [e["captions"] for e in examples],
+        key: [e[key] for e in examples] if key == "captions" else torch.stack([e[key] for e in examples]).float()
+        for key in examples[0]
     }
 
 
-def make_train_dataloader(dataset, args):
-    """DataLoader over the transformed dataset.
+def make_train_dataloader(dataset, args, latent_cache_dir=None):
+    """DataLoader over the transformed dataset (with cached latents when a cache folder is given;
+    the dataset then carries a latent key column).
 
     It gets its own generator so that creating an iterator never draws from the global torch RNG:
     otherwise a resumed run (which creates its iterator at a different moment) would draw
     different noise from the uninterrupted run.
     """
+    columns = [args.conditioning_image_column, args.caption_column]
+    columns.append(args.image_column if latent_cache_dir is None else LATENT_KEY_COLUMN)
     dataset = dataset.with_transform(
         partial(
             preprocess_train,
@@ -615,7 +651,9 @@ def make_train_dataloader(dataset, args):
             caption_column=args.caption_column,
             resolution=args.resolution,
             detection_resolution=args.detection_resolution,
-        )
+            latent_cache_dir=latent_cache_dir,
+        ),
+        columns=columns,  # only these are decoded: no target image when its latents are cached
     )
     generator = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
     return torch.utils.data.DataLoader(
@@ -625,8 +663,100 @@ def make_train_dataloader(dataset, args):
         batch_size=args.train_batch_size,
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
         generator=generator,
     )
+
+
+# ------------------------------------------------------------------------------------------
+# Latent cache (--cache_latents)
+# ------------------------------------------------------------------------------------------
+
+LATENT_KEY_COLUMN = "latent_cache_key"
+LATENT_CACHE_VERSION = "1"  # bump when the target transform changes
+
+
+def default_latent_cache_dir(args):
+    if args.latent_cache_dir is not None:
+        return args.latent_cache_dir
+    base = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "t2i-adapter-sdxl")
+    return os.path.join(base, "latents")
+
+
+def vae_fingerprint(vae):
+    """A digest of the VAE's config and weights: cached latents are only valid for this VAE."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stored_image_bytes(value):
+    if value.get("bytes") is not None:
+        return value["bytes"]
+    with open(value["path"], "rb") as f:
+        return f.read()
+
+
+def latent_cache_keys(dataset, image_column, vae_id, resolution):
+    """One key per row: the image's stored bytes, the VAE and the resolution."""
+    from datasets import Image as ImageFeature
+
+    stored = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+    keys = []
+    for sample in stored:
+        digest = hashlib.sha256(stored_image_bytes(sample[image_column]))
+        digest.update(f"|{vae_id}|{resolution}|{LATENT_CACHE_VERSION}".encode())
+        keys.append(digest.hexdigest())
+    return keys
+
+
+def latent_cache_path(cache_dir, key):
+    return os.path.join(cache_dir, key[:2], f"{key}.safetensors")
+
+
+def load_cached_latents(cache_dir, key):
+    from safetensors.torch import load_file
+
+    return load_file(latent_cache_path(cache_dir, key))
+
+
+@torch.no_grad()
+def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir):
+    """Encode every image whose latent distribution is not cached yet (each process its share),
+    stored as float16 mean and std. Returns how many this process encoded."""
+    from safetensors.torch import save_file
+
+    missing = [
+        row
+        for row, key in enumerate(keys)
+        if row % accelerator.num_processes == accelerator.process_index
+        and not os.path.exists(latent_cache_path(cache_dir, key))
+    ]
+    images = dataset.select_columns([args.image_column])
+    to_target = image_transform(args.resolution)
+    progress = tqdm(total=len(missing), desc="Caching latents", disable=not accelerator.is_local_main_process)
+    for start in range(0, len(missing), 8):
+        rows = missing[start : start + 8]
+        pixels = torch.stack([to_target(images[row][args.image_column].convert("RGB")) for row in rows])
+        distribution = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
+        for row, mean, std in zip(rows, distribution.mean, distribution.std):
+            path = latent_cache_path(cache_dir, keys[row])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp_path = f"{path}.{os.getpid()}.tmp"
+            save_file({"mean": mean.half().cpu().contiguous(), "std": std.half().cpu().contiguous()}, tmp_path)
+            os.replace(tmp_path, path)  # readers never see a partial file
+        progress.update(len(rows))
+    progress.close()
+    accelerator.wait_for_everyone()
+    return len(missing)
+
+
+def sample_cached_latents(mean, std, scaling_factor):
+    """What `vae.encode(x).latent_dist.sample() * scaling_factor` gives, from the cached distribution."""
+    mean, std = mean.float().contiguous(), std.float()
+    return (mean + std * torch.randn_like(mean)) * scaling_factor
 
 
 # ------------------------------------------------------------------------------------------
@@ -873,7 +1003,9 @@ def adapter_training_loss(
     Noise is added in float32 (upstream noises in the mixed-precision dtype); the UNet sees
     noisy / sqrt(σ² + 1) and the adapter's features as intra-block residuals.
     """
-    latents = latents.float()
+    # Contiguous: the VAE may return channels-last latents, and randn_like follows the layout, so
+    # the noise drawn would depend on how the latents were made (fresh or cached).
+    latents = latents.float().contiguous()
     if noise is None:
         noise = torch.randn_like(latents)
     if timesteps is None:
@@ -1168,15 +1300,19 @@ def tracker_config(args):
 # ------------------------------------------------------------------------------------------
 
 
-def build_optimizer(params, args):
+def build_optimizer(params, args, device):
+    """AdamW (bitsandbytes' 8-bit variant with --use_8bit_adam); PyTorch's fused kernel on CUDA."""
+    extra = {}
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
+        extra = {"fused": True} if device.type == "cuda" else {}
     return optimizer_class(
         params,
+        **extra,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -1202,7 +1338,11 @@ def build_lr_scheduler(optimizer, args, max_train_steps, num_processes):
 
 def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, device):
     """Latents, text embeddings and micro-conditioning for one batch, then the adapter's loss."""
-    latents = encode_latents(components["vae"], batch["pixel_values"])
+    vae = components["vae"]
+    if "latent_mean" in batch:
+        latents = sample_cached_latents(batch["latent_mean"], batch["latent_std"], vae.config.scaling_factor)
+    else:
+        latents = encode_latents(vae, batch["pixel_values"])
     captions = select_captions(batch["captions"], args.proportion_empty_prompts)
     prompt_embeds, pooled_embeds = encode_prompt(captions, components["text_encoders"], components["tokenizers"])
     resolution = (args.resolution, args.resolution)
@@ -1306,7 +1446,6 @@ def main(args):
     # Data first: a missing column fails before any model is loaded.
     with accelerator.main_process_first():
         train_dataset = load_train_dataset(args)
-    train_dataloader = make_train_dataloader(train_dataset, args)
 
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
@@ -1322,13 +1461,17 @@ def main(args):
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.torch_compile:
+        # In place, so state-dict keys and the save/load hooks are unchanged.
+        unet.compile()
+        adapter.compile()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
 
-    optimizer = build_optimizer(adapter.parameters(), args)
+    optimizer = build_optimizer(adapter.parameters(), args, accelerator.device)
 
     # Frozen models run in the mixed-precision dtype; SDXL's own VAE stays float32 because it
     # overflows in fp16 (a replacement VAE, e.g. the fp16-fix one, follows the weight dtype).
@@ -1339,6 +1482,15 @@ def main(args):
     for text_encoder in text_encoders:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     sigmas_by_timestep = sigma_table(noise_scheduler).to(accelerator.device)
+
+    latent_cache_dir = None
+    if args.cache_latents:
+        latent_cache_dir = default_latent_cache_dir(args)
+        keys = latent_cache_keys(train_dataset, args.image_column, vae_fingerprint(vae), args.resolution)
+        encoded = fill_latent_cache(train_dataset, keys, vae, args, accelerator, latent_cache_dir)
+        logger.info(f"Latent cache {latent_cache_dir}: {len(keys)} images, {encoded} newly encoded on this process.")
+        train_dataset = train_dataset.add_column(LATENT_KEY_COLUMN, keys)
+    train_dataloader = make_train_dataloader(train_dataset, args, latent_cache_dir)
 
     num_update_steps_per_epoch = math.ceil(
         math.ceil(len(train_dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps

@@ -22,6 +22,11 @@ Example:
 
     python scripts/make_tiny_sdxl.py --output_dir tiny-sdxl --seed 0
 
+or, with the UNet and VAE pretrained on fill images (see scripts/pretrain_tiny_base.py), a base
+whose images are coloured discs, which an adapter can learn to steer:
+
+    python scripts/make_tiny_sdxl.py --output_dir tiny-sdxl --pretrained_base assets/tiny-fill-base
+
 and then, e.g.:
 
     from diffusers import StableDiffusionXLPipeline
@@ -35,6 +40,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -91,6 +97,17 @@ def parse_args(input_args=None):
         help=(
             "Output channels of the UNet's three down blocks (SDXL uses 320 640 1280). Each must be a multiple of"
             f" {UNET_ATTENTION_HEAD_CHANNELS}. A T2I-Adapter for this UNet needs channels (C1, C2, C3, C3)."
+        ),
+    )
+    parser.add_argument(
+        "--pretrained_base",
+        type=str,
+        default=None,
+        metavar="DIR",
+        help=(
+            "A folder with pretrained unet/ and vae/ (diffusers format, e.g. assets/tiny-fill-base): they replace the"
+            " random ones. Text encoders, tokenizers and scheduler are still built from --seed, which must be the"
+            " seed the base was pretrained with (0 for assets/tiny-fill-base). --unet_channels is then ignored."
         ),
     )
     args = parser.parse_args(input_args)
@@ -315,8 +332,23 @@ def make_scheduler():
 # ----------------------------------------------------------------------------
 
 
-def build_tiny_sdxl(output_dir="tiny-sdxl", seed=0, unet_channels=(32, 64, 64)):
-    """Build the tiny SDXL pipeline, save it to `output_dir` and return that path."""
+def copy_pretrained_base(pretrained_base, output_dir):
+    """Replace output_dir's unet/ and vae/ by the pretrained ones in `pretrained_base`."""
+    for name in ("unet", "vae"):
+        source = os.path.join(pretrained_base, name)
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise FileNotFoundError(f"--pretrained_base {pretrained_base!r} has no {name}/config.json.")
+        target = os.path.join(output_dir, name)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+
+
+def build_tiny_sdxl(output_dir="tiny-sdxl", seed=0, unet_channels=(32, 64, 64), pretrained_base=None):
+    """Build the tiny SDXL pipeline, save it to `output_dir` and return that path.
+
+    With `pretrained_base` (a folder holding unet/ and vae/ in diffusers format), those two replace
+    the random ones; everything else is still built from `seed`.
+    """
     tokenizer, tokenizer_2 = make_tokenizers()
     check_tokenizers_match_open_clip([tokenizer, tokenizer_2])
     text_encoder, text_encoder_2 = make_text_encoders(seed)
@@ -332,6 +364,8 @@ def build_tiny_sdxl(output_dir="tiny-sdxl", seed=0, unet_channels=(32, 64, 64)):
         add_watermarker=False,
     )
     pipeline.save_pretrained(output_dir, safe_serialization=True)
+    if pretrained_base is not None:
+        copy_pretrained_base(pretrained_base, output_dir)
     return output_dir
 
 
@@ -360,7 +394,9 @@ def print_summary(output_dir, seconds):
 
 def main(args):
     start = time.perf_counter()
-    output_dir = build_tiny_sdxl(args.output_dir, seed=args.seed, unet_channels=tuple(args.unet_channels))
+    output_dir = build_tiny_sdxl(
+        args.output_dir, seed=args.seed, unet_channels=tuple(args.unet_channels), pretrained_base=args.pretrained_base
+    )
     print_summary(output_dir, time.perf_counter() - start)
 
 

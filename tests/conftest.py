@@ -42,3 +42,12 @@ def fill_data(tmp_path_factory):
     return build_fill_dataset(
         tmp_path_factory.mktemp("data") / "fill", num_samples=32, resolution=RESOLUTION, seed=0, num_validation=2
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_fill_base(tmp_path_factory):
+    """The tiny SDXL with the shipped pretrained fill UNet and VAE (assets/tiny-fill-base), as a pipeline folder."""
+    from make_tiny_sdxl import build_tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-fill-base"
+    return str(build_tiny_sdxl(folder, seed=0, pretrained_base=str(ROOT / "assets" / "tiny-fill-base")))
