@@ -1,0 +1,407 @@
+#!/usr/bin/env python
+"""Speed and memory of the trainer, configurations side by side in one run, as one table.
+
+Each row is a short training run in its own process (so peak memory is that row's own); rows are
+repeated in alternating order and the median is kept, because a shared machine is noisy.
+
+  --size tiny   (CPU or GPU) runs the real training script, `train_t2i_adapter_sdxl.main`, on the
+                tiny SDXL and a fill dataset, with the configurations below.
+  --size sdxl   (GPU) builds UNet, VAE and both text encoders from the real SDXL configs with
+                random weights (speed and memory do not depend on the weights) and times the
+                training step at 1024² for each batch size, with and without gradient
+                checkpointing, plus the UNet's model FLOPs utilisation.
+
+Rows of the tiny table:
+  upstream      our script with every new speed feature off, as upstream runs: all captions encoded
+                before step 1 in float32 and stored by `datasets.map` under a hash of all arguments,
+                the UNet left trainable (its gradients computed and kept), σ found per sample with a
+                host sync, noise added in the mixed-precision dtype, the VAE run at every step.
+  ours          the defaults: text embeddings on the fly, frozen UNet, one gather for σ.
+  ours+cache    ours with --cache_latents, the cache already filled by an earlier run.
+
+Example: python scripts/benchmark.py --size tiny --num_samples 2048 --steps 20
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+
+TINY_ROWS = ("upstream", "ours", "ours+cache")
+H100_BF16_DENSE_TFLOPS = 790.0  # measured peak on the lent H100s
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "sdxl"], default="tiny")
+    parser.add_argument("--rows", nargs="+", default=list(TINY_ROWS), help="Tiny rows to run.")
+    parser.add_argument("--num_samples", type=int, default=2048, help="Tiny: dataset size (time to step 1 grows with it upstream).")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=None, help="Default: 8 (tiny), 1 4 16 (sdxl).")
+    parser.add_argument("--resolution", type=int, default=None, help="Default: 64 (tiny), 1024 (sdxl).")
+    parser.add_argument("--steps", type=int, default=20, help="Timed optimisation steps per row.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
+    parser.add_argument("--repeats", type=int, default=2, help="Times each row runs (alternating order).")
+    parser.add_argument("--mixed_precision", default=None, help="Default: no (tiny on CPU), bf16 (sdxl).")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per row (torch and OpenMP); 1 keeps rows comparable on a shared machine.")
+    parser.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="For MFU (sdxl).")
+    parser.add_argument("--work_dir", default=None, help="Where models, data and caches go (default: a temp dir).")
+    parser.add_argument("--output_json", default=None, help="Also write the rows as JSON here.")
+    parser.add_argument("--run_row", default=None, help=argparse.SUPPRESS)  # internal: one row, in a child process
+    parser.add_argument("--row_json", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def peak_memory_mb(device):
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def folder_mb(path):
+    total = 0
+    for folder, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(folder, name)) for name in files)
+    return total / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny rows: the real training script, timed from the inside
+# ----------------------------------------------------------------------------------------------
+
+
+class StepClock:
+    """Timestamps of each optimisation step, taken where the script checks the step's loss."""
+
+    def __init__(self, train):
+        self.start = time.perf_counter()
+        self.steps = []
+        check = train.check_step_loss
+
+        def timed_check(*args, **kwargs):
+            self.steps.append(time.perf_counter())
+            return check(*args, **kwargs)
+
+        train.check_step_loss = timed_check
+
+    def seconds_per_step(self, warmup):
+        gaps = [b - a for a, b in zip(self.steps[warmup:], self.steps[warmup + 1 :])]
+        return statistics.median(gaps)
+
+
+def upstream_training_loss(scheduler):
+    """Upstream's step maths: noise added in the low-precision dtype by the scheduler, σ found with a
+    per-sample search and host sync. Same signature as the script's adapter_training_loss."""
+    import torch
+
+    import train_t2i_adapter_sdxl as train
+
+    def loss(unet, adapter, latents, conditions, prompt_embeds, added_cond_kwargs, sigmas_by_timestep,
+             prediction_type, weight_dtype, noise=None, timesteps=None):
+        latents = latents.to(weight_dtype)
+        noise = torch.randn_like(latents)
+        timesteps = train.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        schedule = scheduler.timesteps.to(latents.device)
+        indices = [(schedule == t).nonzero().item() for t in timesteps]
+        sigmas = scheduler.sigmas.to(latents.device, weight_dtype)[indices].reshape(-1, 1, 1, 1)
+        residuals = [feature.to(weight_dtype) for feature in adapter(conditions)]
+        pred = unet(noisy / (sigmas**2 + 1) ** 0.5, timesteps, encoder_hidden_states=prompt_embeds.to(weight_dtype),
+                    added_cond_kwargs={k: v.to(weight_dtype) for k, v in added_cond_kwargs.items()},
+                    down_intrablock_additional_residuals=residuals).sample
+        return train.weighted_denoising_loss(pred * (-sigmas) + noisy, latents, sigmas)
+
+    return loss
+
+
+def install_upstream_behaviour(train, work_dir, report):
+    """Patch the script so it runs as upstream does (see the module docstring)."""
+    import torch
+    from datasets.fingerprint import Hasher
+
+    models = {}
+    load_models = train.load_models
+
+    def load_models_upstream(args, adapter_config):
+        loaded = load_models(args, adapter_config)
+        loaded[4].requires_grad_(True)  # upstream never freezes the UNet
+        models.update(zip(("scheduler", "tokenizers", "text_encoders", "vae", "unet", "adapter"), loaded))
+        train.adapter_training_loss = upstream_training_loss(models["scheduler"])
+        return loaded
+
+    make_dataloader = train.make_train_dataloader
+
+    def precompute_then_make_dataloader(dataset, args, latent_cache_dir=None):
+        # Every caption, before step 1, stored in float32 by datasets.map under a hash of all arguments.
+        def embed(batch):
+            prompt_embeds, pooled = train.encode_prompt(list(batch[args.caption_column]), models["text_encoders"],
+                                                        models["tokenizers"])
+            return {"prompt_embeds": prompt_embeds.float().cpu().numpy(), "text_embeds": pooled.float().cpu().numpy()}
+
+        cache_file = os.path.join(work_dir, "upstream-embeddings", f"{Hasher.hash(vars(args))}.arrow")
+        embedded = dataset.map(embed, batched=True, batch_size=64, cache_file_name=cache_file,
+                               new_fingerprint=Hasher.hash(vars(args)))
+        report["text_cache_mb"] = folder_mb(os.path.dirname(cache_file))
+        lookup = {}
+        for caption, prompt_embeds, pooled in zip(embedded[args.caption_column], embedded["prompt_embeds"],
+                                                  embedded["text_embeds"]):
+            lookup[caption] = (torch.tensor(prompt_embeds), torch.tensor(pooled))
+
+        def encode_prompt_from_cache(captions, text_encoders, tokenizers):
+            device = text_encoders[0].device
+            return (torch.stack([lookup[c][0] for c in captions]).to(device),
+                    torch.stack([lookup[c][1] for c in captions]).to(device))
+
+        train.encode_prompt = encode_prompt_from_cache
+        return make_dataloader(dataset, args, latent_cache_dir)
+
+    train.load_models = load_models_upstream
+    train.make_train_dataloader = precompute_then_make_dataloader
+
+
+def run_tiny_row(row, options):
+    """One tiny row in this process; returns its measurements."""
+    import torch
+
+    import train_t2i_adapter_sdxl as train
+
+    report = {"row": row, "text_cache_mb": 0.0, "latent_cache_mb": 0.0}
+    work = options.work_dir
+    latent_dir = os.path.join(work, "latents")
+    batch = options.batch_sizes[0]
+    argv = [
+        "--pretrained_model_name_or_path", os.path.join(work, "tiny-sdxl"),
+        "--train_data_dir", os.path.join(work, "fill", "imagefolder"),
+        "--output_dir", os.path.join(work, f"out-{row}"),
+        "--resolution", str(options.resolution), "--train_batch_size", str(batch),
+        "--max_train_steps", str(options.warmup + options.steps + 1), "--checkpointing_steps", "100000",
+        "--learning_rate", "1e-4", "--seed", "0", "--report_to", "none", "--dataloader_num_workers", "1",
+        "--mixed_precision", options.mixed_precision,
+    ]
+    if row == "ours+cache":
+        argv += ["--cache_latents", "--latent_cache_dir", latent_dir]
+    if row == "upstream":
+        install_upstream_behaviour(train, work, report)
+    clock = StepClock(train)
+    train.main(train.parse_args(argv))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report.update(
+        seconds_per_step=clock.seconds_per_step(options.warmup),
+        seconds_to_step_1=clock.steps[0] - clock.start,
+        peak_mb=peak_memory_mb(device),
+        batch=batch,
+    )
+    if row == "ours+cache":
+        report["latent_cache_mb"] = folder_mb(latent_dir)
+    return report
+
+
+def prepare_tiny(options):
+    from make_fill_dataset import build_fill_dataset
+    from make_tiny_sdxl import build_tiny_sdxl
+
+    if not os.path.exists(os.path.join(options.work_dir, "tiny-sdxl", "model_index.json")):
+        build_tiny_sdxl(os.path.join(options.work_dir, "tiny-sdxl"))
+    build_fill_dataset(os.path.join(options.work_dir, "fill"), num_samples=options.num_samples,
+                       resolution=options.resolution, seed=0, num_validation=1)
+    if "ours+cache" in options.rows:  # fill the latent cache once, outside the timed rows
+        run_child("ours+cache", options)
+
+
+# ----------------------------------------------------------------------------------------------
+# SDXL-size rows: the real SDXL architecture with random weights, on a GPU
+# ----------------------------------------------------------------------------------------------
+
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True,
+)
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    sample_size=1024, scaling_factor=0.13025,
+)
+
+
+def run_sdxl_row(row, options):
+    """Row name 'b<batch>[-gc]': one SDXL-size training step timed with our loss; returns measurements."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, T2IAdapter, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    import train_t2i_adapter_sdxl as train
+
+    batch, checkpointing = int(row.split("-")[0][1:]), row.endswith("-gc")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = train.weight_dtype_for(options.mixed_precision)
+    unet = UNet2DConditionModel(**SDXL_UNET).to(device, dtype).requires_grad_(False)
+    vae = AutoencoderKL(**SDXL_VAE).to(device).requires_grad_(False)
+    text_encoders = [
+        CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, hidden_act="quick_gelu")),
+        CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                   num_attention_heads=20, projection_dim=1280, hidden_act="gelu")),
+    ]
+    text_encoders = [encoder.to(device, dtype).requires_grad_(False) for encoder in text_encoders]
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    adapter = T2IAdapter(**train.derive_adapter_config(SDXL_UNET, SDXL_VAE)).to(device)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5, fused=device == "cuda")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    sigmas = train.sigma_table(scheduler).to(device)
+    resolution = options.resolution
+    pixels = torch.randn(batch, 3, resolution, resolution, device=device)
+    conditions = torch.rand(batch, 3, resolution, resolution, device=device)
+    input_ids = torch.randint(0, 49408, (batch, 77), device=device)
+    time_ids = train.compute_time_ids((resolution,) * 2, (0, 0), (resolution,) * 2, batch, device=device)
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with torch.no_grad():
+            latents = train.encode_latents(vae, pixels)
+            outputs = [encoder(input_ids, output_hidden_states=True) for encoder in text_encoders]
+            prompt_embeds = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
+        with autocast:
+            loss = train.adapter_training_loss(unet, adapter, latents, conditions, prompt_embeds,
+                                               {"text_embeds": outputs[1][0], "time_ids": time_ids}, sigmas,
+                                               "epsilon", dtype)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    step()
+    synchronize()
+    first = time.perf_counter() - start
+    for _ in range(options.warmup):
+        step()
+    synchronize()
+    times = []
+    for _ in range(options.steps):
+        tick = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - tick)
+
+    # Model FLOPs of the UNet (+adapter) forward and backward, counted once.
+    latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device)
+    prompt_embeds = torch.randn(batch, 77, 2048, device=device, dtype=dtype)
+    added = {"text_embeds": torch.randn(batch, 1280, device=device), "time_ids": time_ids}
+    with FlopCounterMode(display=False) as counter, autocast:
+        train.adapter_training_loss(unet, adapter, latents, conditions, prompt_embeds, added, sigmas,
+                                    "epsilon", dtype).backward()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = statistics.median(times)
+    return {
+        "row": row, "batch": batch, "seconds_per_step": seconds, "seconds_to_step_1": first,
+        "peak_mb": peak_memory_mb(device), "text_cache_mb": 0.0, "latent_cache_mb": 0.0,
+        "unet_tflops_per_step": counter.get_total_flops() / 1e12,
+        "mfu": counter.get_total_flops() / seconds / (options.peak_tflops * 1e12),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+def run_child(row, options):
+    """Run one row in a fresh process; its JSON report comes back through a file."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        report_path = handle.name
+    command = [sys.executable, os.path.abspath(__file__), "--run_row", row, "--row_json", report_path,
+               "--size", options.size, "--steps", str(options.steps), "--warmup", str(options.warmup),
+               "--resolution", str(options.resolution), "--mixed_precision", options.mixed_precision,
+               "--work_dir", options.work_dir, "--peak_tflops", str(options.peak_tflops),
+               "--threads", str(options.threads),
+               "--batch_sizes", *map(str, options.batch_sizes)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(options.threads), "MKL_NUM_THREADS": str(options.threads)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"row {row} failed:\n{result.stderr[-4000:]}")
+    with open(report_path) as f:
+        report = json.load(f)
+    os.remove(report_path)
+    return report
+
+
+def table(reports, baseline_row):
+    """One line per row with the ratio of each to the baseline row."""
+    baseline = next((r for r in reports if r["row"] == baseline_row), reports[0])
+    has_mfu = any("mfu" in r for r in reports)
+    header = ["row", "batch", "s/step", "img/s", "peak MB", "s to step 1", "text cache MB", "latent cache MB",
+              "s/step ratio", "step-1 ratio", "memory ratio"] + (["UNet TFLOP/step", "MFU"] if has_mfu else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in reports:
+        cells = [r["row"], str(r["batch"]), f"{r['seconds_per_step']:.4f}", f"{r['batch'] / r['seconds_per_step']:.1f}",
+                 f"{r['peak_mb']:.0f}", f"{r['seconds_to_step_1']:.2f}", f"{r['text_cache_mb']:.2f}",
+                 f"{r['latent_cache_mb']:.2f}", f"{r['seconds_per_step'] / baseline['seconds_per_step']:.2f}",
+                 f"{r['seconds_to_step_1'] / baseline['seconds_to_step_1']:.2f}",
+                 f"{r['peak_mb'] / baseline['peak_mb']:.2f}"]
+        if has_mfu:
+            cells += [f"{r.get('unet_tflops_per_step', 0):.1f}", f"{100 * r.get('mfu', 0):.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(options):
+    tiny = options.size == "tiny"
+    options.resolution = options.resolution or (64 if tiny else 1024)
+    options.batch_sizes = options.batch_sizes or ([8] if tiny else [1, 4, 16])
+    options.mixed_precision = options.mixed_precision or ("no" if tiny else "bf16")
+    if options.run_row:  # child
+        import torch
+
+        torch.set_num_threads(options.threads)
+        report = (run_tiny_row if tiny else run_sdxl_row)(options.run_row, options)
+        with open(options.row_json, "w") as f:
+            json.dump(report, f)
+        return
+
+    options.work_dir = options.work_dir or tempfile.mkdtemp(prefix="t2i-benchmark-")
+    if tiny:
+        prepare_tiny(options)
+        rows = list(options.rows)
+    else:
+        rows = [f"b{b}{suffix}" for b in options.batch_sizes for suffix in ("", "-gc")]
+    runs = {row: [] for row in rows}
+    for repeat in range(options.repeats):
+        for row in rows if repeat % 2 == 0 else reversed(rows):
+            runs[row].append(run_child(row, options))
+            print(f"  {row} (run {repeat + 1}): {runs[row][-1]['seconds_per_step']:.4f} s/step", file=sys.stderr)
+    reports = []
+    for row in rows:
+        best = sorted(runs[row], key=lambda r: r["seconds_per_step"])[len(runs[row]) // 2]
+        best["seconds_to_step_1"] = statistics.median(r["seconds_to_step_1"] for r in runs[row])
+        reports.append(best)
+    print(f"size={options.size} resolution={options.resolution} mixed_precision={options.mixed_precision}"
+          f" steps={options.steps} (median of {options.repeats}) threads={options.threads}" + (f" samples={options.num_samples}" if tiny else ""))
+    print(table(reports, "upstream" if tiny else rows[0]))
+    if options.output_json:
+        with open(options.output_json, "w") as f:
+            json.dump(reports, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(parse_args())
