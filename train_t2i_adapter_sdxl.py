@@ -143,6 +143,12 @@ def build_parser():
         " (a detector's working size). Default: --resolution.",
     )
     parser.add_argument(
+        "--micro_conditioning",
+        action="store_true",
+        help="Give the UNet each image's real size and the real crop's top-left corner (SDXL's micro-conditioning)"
+        " instead of upstream's fixed (resolution, resolution) and --crops_coords_top_left_h/w.",
+    )
+    parser.add_argument(
         "--crops_coords_top_left_h", type=int, default=0, help="Crop top coordinate given to the SDXL UNet."
     )
     parser.add_argument(
@@ -604,17 +610,34 @@ def conditioning_image_transform(resolution, detection_resolution=None):
     return transforms.Compose(steps)
 
 
+def center_crop_top_left(height, width, resolution):
+    """Where the centre crop starts once the shorter side is resized to `resolution` (the same
+    arithmetic as torchvision's Resize and CenterCrop)."""
+    if height <= width:
+        resized_height, resized_width = resolution, int(resolution * width / height)
+    else:
+        resized_height, resized_width = int(resolution * height / width), resolution
+    return int(round((resized_height - resolution) / 2.0)), int(round((resized_width - resolution) / 2.0))
+
+
 def preprocess_train(
     examples, image_column, conditioning_image_column, caption_column, resolution, detection_resolution,
-    latent_cache_dir=None,
+    latent_cache_dir=None, micro_conditioning=False,
 ):
     """The dataset transform: tensors for both images (or the target's cached latent
-    distribution), captions left as they are."""
+    distribution), captions left as they are, and with micro-conditioning each sample's original
+    size and crop corner (the condition has the image's size: the data check makes sure)."""
     to_condition = conditioning_image_transform(resolution, detection_resolution)
+    conditions = [image.convert("RGB") for image in examples[conditioning_image_column]]
     batch = {
-        "conditioning_pixel_values": [to_condition(image.convert("RGB")) for image in examples[conditioning_image_column]],
+        "conditioning_pixel_values": [to_condition(image) for image in conditions],
         "captions": list(examples[caption_column]),
     }
+    if micro_conditioning:
+        batch["original_sizes"] = [torch.tensor([image.height, image.width]) for image in conditions]
+        batch["crop_top_lefts"] = [
+            torch.tensor(center_crop_top_left(image.height, image.width, resolution)) for image in conditions
+        ]
     if latent_cache_dir is None:
         to_target = image_transform(resolution)
         batch["pixel_values"] = [to_target(image.convert("RGB")) for image in examples[image_column]]
@@ -652,6 +675,7 @@ def make_train_dataloader(dataset, args, latent_cache_dir=None):
             resolution=args.resolution,
             detection_resolution=args.detection_resolution,
             latent_cache_dir=latent_cache_dir,
+            micro_conditioning=args.micro_conditioning,
         ),
         columns=columns,  # only these are decoded: no target image when its latents are cached
     )
@@ -1182,6 +1206,13 @@ def validation_dtype(device, weight_dtype):
     return weight_dtype if device.type == "cuda" else torch.float32
 
 
+def validation_size(width, height, resolution, multiple):
+    """(width, height) for a validation image: about resolution² pixels, the image's own aspect
+    ratio (upstream stretches it to a square), both sides multiples of the adapter's downscale."""
+    scale = resolution / math.sqrt(width * height)
+    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
+
+
 def cast_to(model, dtype):
     """Cast a model only when its dtype differs (a no-op cast still makes diffusers warn)."""
     return model if model.dtype == dtype else model.to(dtype)
@@ -1203,6 +1234,8 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
     frozen = [components["unet"], *components["text_encoders"]]
     for model in frozen:
         cast_to(model, dtype)
+    vae_device = components["vae"].device  # off the GPU between validations with --cache_latents
+    components["vae"].to(device)
     pipeline = StableDiffusionXLAdapterPipeline(
         vae=components["vae"],
         text_encoder=components["text_encoders"][0],
@@ -1219,18 +1252,21 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
         pipeline.enable_xformers_memory_efficient_attention()
     autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
+    multiple = pipeline.adapter.total_downscale_factor
     image_logs = []
     python_rng_state = random.getstate()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
         for prompt, image_path in pair_validation_inputs(args.validation_prompt, args.validation_image):
-            condition = Image.open(image_path).convert("RGB").resize((args.resolution, args.resolution))
+            condition = Image.open(image_path).convert("RGB")
+            width, height = validation_size(condition.width, condition.height, args.resolution, multiple)
+            condition = condition.resize((width, height), Image.BILINEAR)
             images = [
                 pipeline(
                     prompt=prompt,
                     image=condition,
-                    height=args.resolution,
-                    width=args.resolution,
+                    height=height,
+                    width=width,
                     num_inference_steps=20,
                     generator=generator,
                 ).images[0]
@@ -1240,6 +1276,7 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
     random.setstate(python_rng_state)
     for model in frozen:
         cast_to(model, weight_dtype)
+    components["vae"].to(vae_device)
     log_validation_images(image_logs, accelerator.trackers, step)
     return image_logs
 
@@ -1346,8 +1383,12 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
     captions = select_captions(batch["captions"], args.proportion_empty_prompts)
     prompt_embeds, pooled_embeds = encode_prompt(captions, components["text_encoders"], components["tokenizers"])
     resolution = (args.resolution, args.resolution)
-    crop = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
-    time_ids = compute_time_ids(resolution, crop, resolution, len(captions), device=device)
+    if args.micro_conditioning:
+        target_sizes = torch.tensor([resolution], device=device).expand(len(captions), 2)
+        time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target_sizes], dim=1).float()
+    else:
+        crop = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
+        time_ids = compute_time_ids(resolution, crop, resolution, len(captions), device=device)
     return adapter_training_loss(
         components["unet"],
         adapter,
@@ -1490,6 +1531,8 @@ def main(args):
         encoded = fill_latent_cache(train_dataset, keys, vae, args, accelerator, latent_cache_dir)
         logger.info(f"Latent cache {latent_cache_dir}: {len(keys)} images, {encoded} newly encoded on this process.")
         train_dataset = train_dataset.add_column(LATENT_KEY_COLUMN, keys)
+        if accelerator.device.type != "cpu":
+            vae.to("cpu")  # only validation decodes now: free its GPU memory in between
     train_dataloader = make_train_dataloader(train_dataset, args, latent_cache_dir)
 
     num_update_steps_per_epoch = math.ceil(

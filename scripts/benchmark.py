@@ -43,6 +43,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "sdxl"], default="tiny")
     parser.add_argument("--rows", nargs="+", default=list(TINY_ROWS), help="Tiny rows to run.")
+    parser.add_argument("--data_format", choices=["imagefolder", "parquet"], default="imagefolder",
+                        help="Tiny: the same fill samples as an imagefolder (--train_data_dir) or parquet (--dataset_name).")
     parser.add_argument("--num_samples", type=int, default=2048, help="Tiny: dataset size (time to step 1 grows with it upstream).")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=None, help="Default: 8 (tiny), 1 4 16 (sdxl).")
     parser.add_argument("--resolution", type=int, default=None, help="Default: 64 (tiny), 1024 (sdxl).")
@@ -181,7 +183,8 @@ def run_tiny_row(row, options):
     batch = options.batch_sizes[0]
     argv = [
         "--pretrained_model_name_or_path", os.path.join(work, "tiny-sdxl"),
-        "--train_data_dir", os.path.join(work, "fill", "imagefolder"),
+        *(["--train_data_dir", os.path.join(work, "fill", "imagefolder")] if options.data_format == "imagefolder"
+          else ["--dataset_name", os.path.join(work, "fill", "parquet")]),
         "--output_dir", os.path.join(work, f"out-{row}"),
         "--resolution", str(options.resolution), "--train_batch_size", str(batch),
         "--max_train_steps", str(options.warmup + options.steps + 1), "--checkpointing_steps", "100000",
@@ -333,7 +336,7 @@ def run_child(row, options):
                "--size", options.size, "--steps", str(options.steps), "--warmup", str(options.warmup),
                "--resolution", str(options.resolution), "--mixed_precision", options.mixed_precision,
                "--work_dir", options.work_dir, "--peak_tflops", str(options.peak_tflops),
-               "--threads", str(options.threads),
+               "--threads", str(options.threads), "--data_format", options.data_format,
                "--batch_sizes", *map(str, options.batch_sizes)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(options.threads), "MKL_NUM_THREADS": str(options.threads)}
@@ -396,7 +399,7 @@ def main(options):
         best["seconds_to_step_1"] = statistics.median(r["seconds_to_step_1"] for r in runs[row])
         reports.append(best)
     print(f"size={options.size} resolution={options.resolution} mixed_precision={options.mixed_precision}"
-          f" steps={options.steps} (median of {options.repeats}) threads={options.threads}" + (f" samples={options.num_samples}" if tiny else ""))
+          f" steps={options.steps} (median of {options.repeats}) threads={options.threads}" + (f" samples={options.num_samples} data={options.data_format}" if tiny else ""))
     print(table(reports, "upstream" if tiny else rows[0]))
     if options.output_json:
         with open(options.output_json, "w") as f:

@@ -3,9 +3,10 @@
 
 Why: the tiny SDXL from ``make_tiny_sdxl.py`` has random weights. Its UNet predicts noise, not
 images, so an adapter trained on top of it cannot change anything that matters and "does training
-teach control?" cannot be answered. This script makes a tiny base that *can* draw the fill data
-(a disc of one named colour on a background of another), but cannot know where the disc goes:
-the caption names the colours only. Where the disc is placed is exactly what a T2I-Adapter on the
+teach control?" cannot be answered. This script aims at a tiny base that can draw the fill data
+(a disc of one named colour on a background of another) but cannot know where the disc goes:
+the caption names the colours only. (With the default settings it does not get there yet: see
+assets/tiny-fill-base/README.md.) Where the disc is placed is exactly what a T2I-Adapter on the
 circle's outline has to teach.
 
 What it does, deterministically by ``--seed`` (same seed, same machine: same weights):
