@@ -1159,8 +1159,10 @@ def load_adapter_hook(models, input_dir):
 # ------------------------------------------------------------------------------------------
 
 
-def pair_validation_inputs(prompts, images):
+def pair_validation_inputs(prompts, images, prompt_flag="--validation_prompt", image_flag="--validation_image"):
     """(prompt, image) pairs: equal counts pair up; a single prompt or image is shared."""
+    if not prompts or not images:
+        raise ValueError(f"Pass at least one `{prompt_flag}` and one `{image_flag}`.")
     if len(prompts) == len(images):
         return list(zip(prompts, images))
     if len(images) == 1:
@@ -1168,7 +1170,7 @@ def pair_validation_inputs(prompts, images):
     if len(prompts) == 1:
         return [(prompts[0], image) for image in images]
     raise ValueError(
-        f"Got {len(prompts)} `--validation_prompt`s and {len(images)} `--validation_image`s: provide as many of each,"
+        f"Got {len(prompts)} `{prompt_flag}`s and {len(images)} `{image_flag}`s: provide as many of each,"
         " or exactly one of either."
     )
 

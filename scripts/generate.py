@@ -28,8 +28,12 @@ Example:
 import argparse
 import os
 import re
+import sys
 
 from PIL import Image
+
+# The trainer (one folder up) holds the pairing rule shared with validation.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 SCHEDULERS = ("euler_ancestral", "default")
@@ -37,24 +41,11 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def pair_prompts_and_images(prompts, images):
-    """Pair prompts with condition images, like the trainer's validation flags.
+    """Pair prompts with condition images by the trainer's validation rule: equal counts pair in
+    order; one prompt goes with every image, and one image with every prompt."""
+    from train_t2i_adapter_sdxl import pair_validation_inputs  # here: it imports torch, --help need not
 
-    Equal counts pair in order; one prompt goes with every image, and one
-    image with every prompt. Returns a list of ``(prompt, image)`` tuples.
-    """
-    prompts, images = list(prompts or []), list(images or [])
-    if not prompts or not images:
-        raise ValueError("Pass at least one --prompt and one --image.")
-    if len(prompts) == len(images):
-        return list(zip(prompts, images))
-    if len(images) == 1:
-        return [(prompt, images[0]) for prompt in prompts]
-    if len(prompts) == 1:
-        return [(prompts[0], image) for image in images]
-    raise ValueError(
-        f"Got {len(prompts)} --prompt values and {len(images)} --image values: pass as many of each, "
-        "or exactly one of either to use it with every value of the other."
-    )
+    return pair_validation_inputs(list(prompts or []), list(images or []), "--prompt", "--image")
 
 
 def find_adapter_dir(adapter):

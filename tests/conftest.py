@@ -19,11 +19,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# One intra-op thread, here and in every subprocess a test starts: the tiny models' ops gain nothing
+# from threads, OpenMP's spinning threads make each op ~100x slower on a busy 2-core machine, and
+# runs compared bit for bit across processes must use the same thread count.
+os.environ["OMP_NUM_THREADS"] = "1"
 # Set before any test module imports huggingface_hub or datasets, which read it at import.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="t2i-tests-hf-home-")
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
+import torch  # noqa: E402
+
 from helpers import RESOLUTION  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

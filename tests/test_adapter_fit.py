@@ -19,14 +19,6 @@ SDXL_UNET_CONFIG = {
 SDXL_VAE_CONFIG = {"block_out_channels": (128, 256, 512, 512)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny UNet's ops are far too small to gain from intra-op threads, and on a busy 2-core machine
-    OpenMP's spinning threads make each op ~100x slower; one thread for this module, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 # Upstream's hard-coded adapter.
 UPSTREAM_ADAPTER = {
     "in_channels": 3,

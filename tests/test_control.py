@@ -63,6 +63,7 @@ def train_and_measure_gain(model, data, output_dir):
 
 def test_training_on_the_pretrained_base_teaches_control(tiny_fill_base, control_data, tmp_path):
     gain = train_and_measure_gain(tiny_fill_base, control_data, tmp_path / "adapter")
+    print(f"conditioning gain after {TRAIN_STEPS} steps: {gain}")
     assert gain["overall"] > MIN_GAIN, gain
     # Mid-range noise: the disc is hidden enough that where it is matters, visible enough to be weighed.
     assert gain["ranges"]["250-500"] > MIN_GAIN, gain
@@ -70,6 +71,7 @@ def test_training_on_the_pretrained_base_teaches_control(tiny_fill_base, control
 
 def test_training_with_blank_conditions_teaches_no_control(tiny_fill_base, blank_data, tmp_path):
     gain = train_and_measure_gain(tiny_fill_base, blank_data, tmp_path / "adapter")
+    print(f"conditioning gain after {TRAIN_STEPS} steps on blank conditions: {gain}")
     assert gain["overall"] < MAX_BLANK_GAIN, gain
 
 

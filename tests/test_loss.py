@@ -11,16 +11,6 @@ from helpers import RESOLUTION, training_argv
 LATENT = RESOLUTION // 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny UNet's ops are far too small to gain from intra-op threads, and on a busy 2-core machine
-    OpenMP's spinning threads make each op ~100x slower; one thread for this module, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def scheduler(tiny_sdxl):
     from diffusers import EulerDiscreteScheduler
