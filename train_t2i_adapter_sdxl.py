@@ -15,6 +15,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -153,6 +154,22 @@ def build_parser():
     )
     parser.add_argument(
         "--crops_coords_top_left_w", type=int, default=0, help="Crop left coordinate given to the SDXL UNet."
+    )
+    parser.add_argument(
+        "--random_crop",
+        action="store_true",
+        help="Crop each image (and its condition, identically) at a random place instead of the centre.",
+    )
+    parser.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Flip each image and its condition together horizontally with probability 0.5.",
+    )
+    parser.add_argument(
+        "--aspect_ratio_buckets",
+        action="store_true",
+        help="Train each image near its own aspect ratio: SDXL's buckets of about resolution² pixels, each batch"
+        " from one bucket. Implies --micro_conditioning.",
     )
     # Training horizon
     parser.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
@@ -295,6 +312,26 @@ def build_parser():
     parser.add_argument(
         "--dataloader_num_workers", type=int, default=1, help="DataLoader worker processes (0: main process)."
     )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream --dataset_name or --train_data_dir (e.g. a folder of WebDataset .tar shards) instead of"
+        " loading it whole; needs --max_train_steps.",
+    )
+    parser.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="With --streaming: samples are shuffled (and grouped into buckets) in windows of this many.",
+    )
+    parser.add_argument(
+        "--conditioning_type",
+        type=str,
+        default="image",
+        choices=["image", "canny"],
+        help="'image': read conditions from --conditioning_image_column. 'canny': make a canny edge map of each"
+        " training image on the fly, with random thresholds (no stored conditions needed).",
+    )
     # Validation
     parser.add_argument(
         "--validation_prompt",
@@ -370,6 +407,22 @@ def check_args(args):
         raise ValueError(f"`--skip_nonfinite_steps` must be at least 0, got {args.skip_nonfinite_steps}.")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"`--dataloader_num_workers` must be at least 0, got {args.dataloader_num_workers}.")
+    if args.shuffle_buffer_size < 1:
+        raise ValueError(f"`--shuffle_buffer_size` must be at least 1, got {args.shuffle_buffer_size}.")
+    if args.streaming and args.max_train_steps is None:
+        raise ValueError("`--streaming` needs `--max_train_steps`: a stream's length is not known in advance.")
+    if args.streaming and args.max_train_samples is not None:
+        raise ValueError("`--max_train_samples` cannot be used with `--streaming`; bound the run with `--max_train_steps`.")
+    if args.cache_latents:
+        varying = [f"--{flag}" for flag in ("streaming", "random_crop", "random_flip", "aspect_ratio_buckets")
+                   if getattr(args, flag)]
+        varying += ["--conditioning_type canny"] if args.conditioning_type == "canny" else []
+        if varying:
+            raise ValueError(
+                f"`--cache_latents` stores one centre crop per image and cannot be combined with {', '.join(varying)}."
+            )
+    if args.aspect_ratio_buckets:
+        args.micro_conditioning = True  # a bucket's crop is only meaningful to the UNet with the real sizes
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {args.lr_scheduler!r}.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
@@ -475,11 +528,36 @@ def check_inputs(args):
 # ------------------------------------------------------------------------------------------
 
 
+def dataset_location(args):
+    """(flag, location) of the training data."""
+    if args.dataset_name:
+        return "--dataset_name", args.dataset_name
+    return "--train_data_dir", args.train_data_dir
+
+
+def used_columns(args):
+    """The dataset columns training reads: no conditioning column when conditions are made on the fly."""
+    flags = ["image_column", "caption_column"]
+    if args.conditioning_type == "image":
+        flags.insert(1, "conditioning_image_column")
+    return {flag: getattr(args, flag) for flag in flags}
+
+
+def check_columns(column_names, args):
+    for flag, column in used_columns(args).items():
+        if column not in column_names:
+            raise ValueError(f"`--{flag}` value {column!r} not found in dataset columns: {', '.join(column_names)}.")
+
+
 def load_train_dataset(args):
-    """Load the training split, check its columns, shuffle with the seed and truncate."""
+    """Load the training split, check its columns and samples, shuffle with the seed and truncate.
+
+    With --aspect_ratio_buckets each row also gets its image's (height, width) in SIZE_COLUMN,
+    read from the headers during the sample check.
+    """
     from datasets import load_dataset
 
-    flag, location = ("--dataset_name", args.dataset_name) if args.dataset_name else ("--train_data_dir", args.train_data_dir)
+    flag, location = dataset_location(args)
     try:
         dataset = load_dataset(location, args.dataset_config_name, cache_dir=args.cache_dir)
     except Exception as error:
@@ -487,12 +565,7 @@ def load_train_dataset(args):
     if "train" not in dataset:
         raise ValueError(f"The dataset has no 'train' split; it has: {', '.join(dataset)}.")
     train = dataset["train"]
-    for flag in ("image_column", "conditioning_image_column", "caption_column"):
-        column = getattr(args, flag)
-        if column not in train.column_names:
-            raise ValueError(
-                f"`--{flag}` value {column!r} not found in dataset columns: {', '.join(train.column_names)}."
-            )
+    check_columns(train.column_names, args)
     if len(train) == 0:
         raise ValueError("The training dataset is empty.")
     train = drop_or_refuse_bad_samples(train, args)
@@ -506,6 +579,31 @@ def load_train_dataset(args):
     return train
 
 
+def load_streaming_dataset(args):
+    """The training split as a `datasets` IterableDataset (--streaming): nothing is downloaded or
+    read ahead. Image columns stay undecoded (bytes) until a sample is transformed, so a shuffle
+    window holds compressed images only."""
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    flag, location = dataset_location(args)
+    try:
+        stream = load_dataset(
+            location, args.dataset_config_name, cache_dir=args.cache_dir, split="train", streaming=True
+        )
+    except Exception as error:
+        raise ValueError(f"`{flag}` {location!r} could not be streamed as a dataset: {error}") from error
+    column_names = stream.column_names or list(next(iter(stream.take(1)), {}))
+    if not column_names:
+        raise ValueError(f"`{flag}` {location!r} holds no training samples.")
+    check_columns(column_names, args)
+    stream = stream.select_columns(list(used_columns(args).values()) + (["__key__"] if "__key__" in column_names else []))
+    for flag, column in used_columns(args).items():
+        if flag != "caption_column" and stream.features is not None:
+            stream = stream.cast_column(column, ImageFeature(decode=False))
+    return stream
+
+
 def open_stored_image(value):
     """A PIL image from what an undecoded `datasets.Image` column stores (bytes or a path)."""
     if value is None:
@@ -515,66 +613,79 @@ def open_stored_image(value):
     return Image.open(value["path"])
 
 
-def sample_problem(image, conditioning_image, caption):
-    """Why a stored sample cannot be trained on, or None. Reads image headers and checks their
-    data without decoding the pixels."""
+def inspect_sample(image, conditioning_image, caption):
+    """(problem, (height, width)) of a stored sample: why it cannot be trained on (None when it
+    can) and the image's size. Reads image headers and checks their data without decoding the
+    pixels. `conditioning_image` is None when conditions are made on the fly."""
     sizes = []
-    for name, value in (("image", image), ("conditioning image", conditioning_image)):
+    stored = [("image", image)] + ([("conditioning image", conditioning_image)] if conditioning_image is not None else [])
+    for name, value in stored:
         try:
             with open_stored_image(value) as opened:
                 sizes.append(opened.size)
                 opened.verify()
         except Exception as error:
-            return f"unreadable {name} ({error})"
-    if sizes[0] != sizes[1]:
-        return f"conditioning image is {sizes[1][0]}x{sizes[1][1]} but the image is {sizes[0][0]}x{sizes[0][1]}"
+            return f"unreadable {name} ({error})", None
+    (width, height), *condition_size = sizes
+    if condition_size and condition_size[0] != (width, height):
+        other_width, other_height = condition_size[0]
+        return f"conditioning image is {other_width}x{other_height} but the image is {width}x{height}", None
     if caption is None or not isinstance(caption, (str, list)) or (isinstance(caption, list) and not caption):
-        return f"missing caption ({caption!r})"
-    return None
+        return f"missing caption ({caption!r})", None
+    return None, (height, width)
 
 
-def find_bad_samples(dataset, args):
-    """(row, problem) for every sample that cannot be trained on."""
+def stored_sample(sample, args):
+    """(image, conditioning image or None, caption) of an undecoded sample."""
+    condition = sample[args.conditioning_image_column] if args.conditioning_type == "image" else None
+    return sample[args.image_column], condition, sample[args.caption_column]
+
+
+def scan_samples(dataset, args):
+    """(bad, sizes): (row, problem) for every sample that cannot be trained on, and every good
+    row's image (height, width)."""
     from datasets import Image as ImageFeature
 
-    for flag in ("image_column", "conditioning_image_column"):
-        column = getattr(args, flag)
-        if not isinstance(dataset.features[column], ImageFeature):
+    columns = used_columns(args)
+    for flag, column in columns.items():
+        if flag != "caption_column" and not isinstance(dataset.features[column], ImageFeature):
             raise ValueError(
                 f"`--{flag}` column {column!r} holds {dataset.features[column]}, not images."
                 " (An imagefolder's metadata.jsonl must name it with the '_file_name' suffix.)"
             )
-    stored = dataset.select_columns([args.image_column, args.conditioning_image_column, args.caption_column])
-    for column in (args.image_column, args.conditioning_image_column):
-        stored = stored.cast_column(column, ImageFeature(decode=False))
-    bad = []
+    stored = dataset.select_columns(list(columns.values()))
+    for flag, column in columns.items():
+        if flag != "caption_column":
+            stored = stored.cast_column(column, ImageFeature(decode=False))
+    bad, sizes = [], []
     for row, sample in enumerate(stored):
-        problem = sample_problem(
-            sample[args.image_column], sample[args.conditioning_image_column], sample[args.caption_column]
-        )
-        if problem is not None:
+        problem, size = inspect_sample(*stored_sample(sample, args))
+        if problem is None:
+            sizes.append(size)
+        else:
             bad.append((row, problem))
-    return bad
+    return bad, sizes
 
 
 def drop_or_refuse_bad_samples(dataset, args):
     """Check every sample before training: stop with the rows at fault, or drop them with
     --skip_bad_samples."""
-    bad = find_bad_samples(dataset, args)
-    if not bad:
-        return dataset
-    listing = "; ".join(f"row {row}: {problem}" for row, problem in bad[:5])
-    more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-    columns = f"columns {args.image_column!r}, {args.conditioning_image_column!r}, {args.caption_column!r}"
-    if not args.skip_bad_samples:
-        raise ValueError(
-            f"{len(bad)} bad training sample(s) in {columns}: {listing}{more}. Fix them, or pass --skip_bad_samples."
-        )
-    logger.warning(f"Skipping {len(bad)} of {len(dataset)} training samples: {listing}{more}.")
-    bad_rows = {row for row, _ in bad}
-    dataset = dataset.select([row for row in range(len(dataset)) if row not in bad_rows])
-    if len(dataset) == 0:
-        raise ValueError("Every training sample is bad; nothing is left to train on.")
+    bad, sizes = scan_samples(dataset, args)
+    if bad:
+        listing = "; ".join(f"row {row}: {problem}" for row, problem in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        columns = "columns " + ", ".join(map(repr, used_columns(args).values()))
+        if not args.skip_bad_samples:
+            raise ValueError(
+                f"{len(bad)} bad training sample(s) in {columns}: {listing}{more}. Fix them, or pass --skip_bad_samples."
+            )
+        logger.warning(f"Skipping {len(bad)} of {len(dataset)} training samples: {listing}{more}.")
+        bad_rows = {row for row, _ in bad}
+        dataset = dataset.select([row for row in range(len(dataset)) if row not in bad_rows])
+        if len(dataset) == 0:
+            raise ValueError("Every training sample is bad; nothing is left to train on.")
+    if args.aspect_ratio_buckets:
+        dataset = dataset.add_column(SIZE_COLUMN, [list(size) for size in sizes])
     return dataset
 
 
@@ -608,6 +719,25 @@ def conditioning_image_transform(resolution, detection_resolution=None):
         transforms.ToTensor(),
     ]
     return transforms.Compose(steps)
+
+
+CANNY_LOW_RANGE = (50, 150)  # random canny thresholds: low in this range,
+CANNY_GAP_RANGE = (50, 150)  # high = low + a gap in this range
+
+
+def canny_condition(image, low_threshold, high_threshold):
+    """The canny condition of an image: OpenCV's edge map, white edges on black, as RGB."""
+    import cv2
+
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low_threshold, high_threshold)
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
+
+
+def random_canny_thresholds(rng):
+    """(low, high) drawn at random: the edge density varies from sample to sample, as in the
+    original canny adapters' training, so the adapter does not learn one detector setting."""
+    low = rng.randint(*CANNY_LOW_RANGE)
+    return low, low + rng.randint(*CANNY_GAP_RANGE)
 
 
 def center_crop_top_left(height, width, resolution):
@@ -690,6 +820,285 @@ def make_train_dataloader(dataset, args, latent_cache_dir=None):
         pin_memory=torch.cuda.is_available(),
         generator=generator,
     )
+
+
+# ------------------------------------------------------------------------------------------
+# Planned batches: streaming, aspect-ratio buckets, random crops and flips, on-the-fly canny
+# ------------------------------------------------------------------------------------------
+# Upstream's loader (above) shuffles rows and centre-crops squares. These features need more:
+# every batch from one bucket, and per-sample randomness (crop, flip, canny thresholds) that a
+# resumed run reproduces exactly. So batches are planned ahead, each sample with its own seed,
+# and the plan's position is part of every checkpoint (torchdata's StatefulDataLoader carries it
+# through the DataLoader workers).
+
+SIZE_COLUMN = "image_size"  # (height, width) of each row's image, for bucketing
+
+
+def uses_planned_batches(args):
+    return (
+        args.streaming
+        or args.aspect_ratio_buckets
+        or args.random_crop
+        or args.random_flip
+        or args.conditioning_type != "image"
+    )
+
+
+def aspect_ratio_buckets(resolution, multiple, max_aspect_ratio=4.0):
+    """SDXL's bucket list scaled to `resolution`: for each short side, the longest long side that
+    keeps the area within resolution² (so no bucket costs more memory than the square), in both
+    orientations; sides are multiples of the step (64 at 1024², as SDXL's own list; at least the
+    adapter's downscale `multiple`), aspect ratios from 1:4 to 4:1."""
+    step = max(multiple, resolution // 16 // multiple * multiple)
+    buckets = set()
+    for short in range(step, resolution + 1, step):
+        long = resolution * resolution // short // step * step
+        if long / short <= max_aspect_ratio:
+            buckets.update({(short, long), (long, short)})
+    return sorted(buckets)
+
+
+def nearest_bucket(height, width, buckets):
+    """The bucket whose aspect ratio is closest to the image's (compared in log space)."""
+    ratio = math.log(height / width)
+    return min(buckets, key=lambda bucket: abs(math.log(bucket[0] / bucket[1]) - ratio))
+
+
+def plan_batches(targets, batch_size, rng):
+    """Batches of positions into `targets` (each position's target size), in `rng`'s random order,
+    each batch of one target size; a bucket's last batch may be smaller."""
+    by_target = {}
+    for position in rng.permutation(len(targets)).tolist():
+        by_target.setdefault(tuple(targets[position]), []).append(position)
+    batches = [
+        positions[start : start + batch_size]
+        for positions in by_target.values()
+        for start in range(0, len(positions), batch_size)
+    ]
+    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+
+
+def cover_size(height, width, target_height, target_width):
+    """The size a (height, width) image is resized to so that it just covers the target; for a
+    square target this is torchvision's Resize(shorter side) arithmetic, as upstream uses."""
+    if target_height / height >= target_width / width:
+        return target_height, int(target_height * width / height)
+    return int(target_width * height / width), target_width
+
+
+class PairTransform:
+    """Turns one stored sample into training tensors at a target size, with the sample's own RNG:
+    image and condition are resized, cropped and flipped identically (pixel for pixel), and with
+    --conditioning_type canny the condition is the edge map of the final crop."""
+
+    def __init__(self, args):
+        self.image_column = args.image_column
+        self.conditioning_image_column = args.conditioning_image_column
+        self.caption_column = args.caption_column
+        self.conditioning_type = args.conditioning_type
+        self.detection_resolution = args.detection_resolution
+        self.random_crop = args.random_crop
+        self.random_flip = args.random_flip
+
+    def __call__(self, sample, target_size, seed):
+        rng = random.Random(seed)
+        image = open_stored_image(sample[self.image_column]).convert("RGB")
+        condition = None
+        if self.conditioning_type == "image":
+            condition = open_stored_image(sample[self.conditioning_image_column]).convert("RGB")
+            if self.detection_resolution is not None:
+                # As if a detector had made the condition at its working size (shorter side).
+                working = cover_size(image.height, image.width, self.detection_resolution, self.detection_resolution)
+                condition = condition.resize(working[::-1], Image.BILINEAR).resize(image.size, Image.BILINEAR)
+        target_height, target_width = target_size
+        resized_height, resized_width = cover_size(image.height, image.width, target_height, target_width)
+        if self.random_crop:
+            top, left = rng.randint(0, resized_height - target_height), rng.randint(0, resized_width - target_width)
+        else:
+            top = int(round((resized_height - target_height) / 2.0))
+            left = int(round((resized_width - target_width) / 2.0))
+        flip = self.random_flip and rng.random() < 0.5
+        box = (left, top, left + target_width, top + target_height)
+        original_size = (image.height, image.width)
+
+        def place(picture):
+            picture = picture.resize((resized_width, resized_height), Image.BILINEAR).crop(box)
+            return picture.transpose(Image.FLIP_LEFT_RIGHT) if flip else picture
+
+        image = place(image)
+        if condition is None:
+            condition = canny_condition(image, *random_canny_thresholds(rng))
+        else:
+            condition = place(condition)
+        if flip:  # the crop's corner as seen in the flipped image
+            left = resized_width - left - target_width
+        return {
+            "pixel_values": transforms.functional.normalize(transforms.functional.to_tensor(image), [0.5], [0.5]),
+            "conditioning_pixel_values": transforms.functional.to_tensor(condition),
+            "captions": sample[self.caption_column],
+            "original_sizes": torch.tensor(original_size),
+            "crop_top_lefts": torch.tensor((top, left)),
+        }
+
+
+class PlannedBatchSampler:
+    """Endless batches of (row, target size, seed) over a map-style dataset: each epoch a new
+    permutation from (seed, epoch), batches grouped by bucket, every process its share. Its state
+    (epoch, batches done) is saved with each checkpoint."""
+
+    def __init__(self, targets, batch_size, seed, rank=0, world_size=1):
+        self.targets, self.batch_size, self.seed = targets, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.done = 0, 0
+
+    def epoch_plan(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = plan_batches(self.targets, self.batch_size, rng)
+        sample_seeds = rng.integers(2**63, size=len(self.targets)).tolist()
+        # Equal shares: every process must take the same number of steps.
+        batches = batches[: len(batches) // self.world_size * self.world_size][self.rank :: self.world_size]
+        return [[(row, tuple(self.targets[row]), sample_seeds[row]) for row in batch] for batch in batches]
+
+    def batches_per_epoch(self):
+        return len(self.epoch_plan(0))
+
+    def __iter__(self):
+        while True:
+            plan = self.epoch_plan(self.epoch)
+            while self.done < len(plan):
+                self.done += 1
+                yield plan[self.done - 1]
+            self.epoch, self.done = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "done": self.done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.done = state["epoch"], state["done"]
+
+
+class PlannedPairs(torch.utils.data.Dataset):
+    """A map-style dataset indexed by the sampler's (row, target size, seed)."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __getitem__(self, key):
+        row, target_size, seed = key
+        return self.transform(self.dataset[row], target_size, seed)
+
+
+class StreamingBatches(torch.utils.data.IterableDataset):
+    """Endless batches from a `datasets` IterableDataset (--streaming).
+
+    Each epoch reads the shards in a new order (from the seed and epoch), each process its own
+    shards (datasets' split_dataset_by_node) and each DataLoader worker its own part of those.
+    Samples are taken in windows of --shuffle_buffer_size, checked, shuffled and grouped by
+    bucket. The state is the stream's position at the start of the current window plus the
+    batches already given from it: a resumed run re-reads that one window and continues exactly
+    (datasets' own shuffle buffer is not saved in its state_dict, so it is not used).
+    """
+
+    def __init__(self, stream, transform, args, rank=0, world_size=1, buckets=None):
+        self.stream, self.transform, self.rank, self.world_size = stream, transform, rank, world_size
+        self.args, self.buckets = args, buckets
+        self.state = {"epoch": 0, "window": 0, "stream": None, "done": 0}
+
+    def epoch_stream(self, epoch):
+        from datasets import concatenate_datasets
+        from datasets.distributed import split_dataset_by_node
+
+        num_shards = self.stream.num_shards
+        order = np.random.default_rng([self.args.seed or 0, epoch]).permutation(num_shards).tolist()
+        stream = concatenate_datasets([self.stream.shard(num_shards, index) for index in order])
+        return split_dataset_by_node(stream, self.rank, self.world_size)
+
+    def window_batches(self, window, rng):
+        """Check the window's samples, then plan its batches: (sample, target size, seed) lists."""
+        good, targets = [], []
+        for sample in window:
+            problem, size = inspect_sample(*stored_sample(sample, self.args))
+            if problem is not None:
+                name = sample.get("__key__", "?")
+                if not self.args.skip_bad_samples:
+                    raise ValueError(f"Bad training sample {name!r}: {problem}. Fix it, or pass --skip_bad_samples.")
+                logger.warning(f"Skipping training sample {name!r}: {problem}.")
+                continue
+            good.append(sample)
+            resolution = self.args.resolution
+            targets.append(nearest_bucket(*size, self.buckets) if self.buckets else (resolution, resolution))
+        seeds = rng.integers(2**63, size=len(good)).tolist()
+        return [
+            [(good[i], targets[i], seeds[i]) for i in batch]
+            for batch in plan_batches(targets, self.args.train_batch_size, rng)
+        ]
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        state = dict(self.state)
+        while True:
+            stream = self.epoch_stream(state["epoch"])
+            if state["stream"] is not None:
+                stream.load_state_dict(state["stream"])
+            samples = iter(stream)
+            while True:
+                window = list(itertools.islice(samples, self.args.shuffle_buffer_size))
+                if not window:
+                    break
+                rng = np.random.default_rng([self.args.seed or 0, state["epoch"], self.rank, worker_id, state["window"]])
+                for done, batch in enumerate(self.window_batches(window, rng), start=1):
+                    if done > state["done"]:  # the others were given before the checkpoint resumed from
+                        self.state = {**state, "done": done}
+                        yield collate_fn([self.transform(sample, target, seed) for sample, target, seed in batch])
+                state = {**state, "window": state["window"] + 1, "stream": stream.state_dict(), "done": 0}
+            state = {"epoch": state["epoch"] + 1, "window": 0, "stream": None, "done": 0}
+
+    def state_dict(self):
+        return copy.deepcopy(self.state)
+
+    def load_state_dict(self, state):
+        self.state = copy.deepcopy(state)
+
+
+def make_planned_dataloader(dataset, args, rank, world_size, multiple):
+    """A StatefulDataLoader over planned batches, for a map-style dataset or a stream.
+
+    Every process builds its own (it is not passed to accelerate.prepare); its state is saved in
+    each checkpoint. Returns (dataloader, batches per epoch on this process, or None for a stream).
+    """
+    from datasets import IterableDataset
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
+    transform = PairTransform(args)
+    loader_options = {
+        "collate_fn": collate_fn,
+        "num_workers": args.dataloader_num_workers,
+        "persistent_workers": args.dataloader_num_workers > 0,
+        "pin_memory": torch.cuda.is_available(),
+        # Its own generator: creating an iterator must not draw from the global torch RNG (see make_train_dataloader).
+        "generator": torch.Generator().manual_seed(args.seed or 0),
+    }
+    if isinstance(dataset, IterableDataset):
+        batches = StreamingBatches(dataset, transform, args, rank, world_size, buckets)
+        loader_options["collate_fn"] = None
+        return StatefulDataLoader(batches, batch_size=None, **loader_options), None
+    if buckets:
+        targets = [nearest_bucket(*size, buckets) for size in dataset[SIZE_COLUMN]]
+    else:
+        targets = [(args.resolution, args.resolution)] * len(dataset)
+    sampler = PlannedBatchSampler(targets, args.train_batch_size, args.seed or 0, rank, world_size)
+    if sampler.batches_per_epoch() == 0:
+        raise ValueError(f"{len(dataset)} samples make no batch for each of the {world_size} processes.")
+    from datasets import Image as ImageFeature
+
+    undecoded = dataset
+    for column in used_columns(args).values():
+        if column != args.caption_column:
+            undecoded = undecoded.cast_column(column, ImageFeature(decode=False))
+    dataloader = StatefulDataLoader(PlannedPairs(undecoded, transform), batch_sampler=sampler, **loader_options)
+    return dataloader, sampler.batches_per_epoch()
 
 
 # ------------------------------------------------------------------------------------------
@@ -884,11 +1293,16 @@ def unet_residual_shapes(unet_config, latent_side):
     return shapes
 
 
+def adapter_total_downscale(adapter_config):
+    """How many pixels of the condition make one pixel of the adapter's smallest feature map's
+    predecessor: image sides must be multiples of it."""
+    downscale = adapter_config["downscale_factor"]
+    return 2 * downscale if adapter_config["adapter_type"] == "full_adapter_xl" else downscale
+
+
 def check_adapter_fits(adapter_config, unet_config, vae_config, resolution):
     """The adapter's feature maps must match, one by one, where the UNet adds them."""
-    downscale = adapter_config["downscale_factor"]
-    if adapter_config["adapter_type"] == "full_adapter_xl":
-        downscale *= 2
+    downscale = adapter_total_downscale(adapter_config)
     if resolution % downscale != 0:
         raise ValueError(
             f"`--resolution` {resolution} must be divisible by the adapter's total downscale factor {downscale}."
@@ -1094,12 +1508,17 @@ def prune_checkpoints(output_dir, total_limit):
     return removed
 
 
-def save_checkpoint(accelerator, output_dir, step, total_limit):
+def data_state_path(checkpoint, process_index):
+    return os.path.join(checkpoint, f"data_state_{process_index}.pt")
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit, data_state=None):
     """Save the full training state as output_dir/checkpoint-<step>.
 
-    Every process takes part (DeepSpeed needs each rank's shard). The state is written under a
-    temporary name and renamed once complete, and only then are old checkpoints pruned: a crash
-    while saving leaves the previous checkpoints intact and never a half-written one as 'latest'.
+    Every process takes part (DeepSpeed needs each rank's shard), and each saves its planned
+    batches' position (`data_state`) when there is one. The state is written under a temporary
+    name and renamed once complete, and only then are old checkpoints pruned: a crash while saving
+    leaves the previous checkpoints intact and never a half-written one as 'latest'.
     """
     final_path = os.path.join(output_dir, f"checkpoint-{step}")
     tmp_path = final_path + ".tmp"
@@ -1107,6 +1526,8 @@ def save_checkpoint(accelerator, output_dir, step, total_limit):
         shutil.rmtree(tmp_path)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp_path)
+    if data_state is not None:
+        torch.save(data_state, data_state_path(tmp_path, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.exists(final_path):  # the same step saved again after a resume
@@ -1386,8 +1807,10 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
     prompt_embeds, pooled_embeds = encode_prompt(captions, components["text_encoders"], components["tokenizers"])
     resolution = (args.resolution, args.resolution)
     if args.micro_conditioning:
-        target_sizes = torch.tensor([resolution], device=device).expand(len(captions), 2)
-        time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target_sizes], dim=1).float()
+        # The batch's own size: a bucket's, or the square resolution.
+        target_sizes = torch.tensor([batch["conditioning_pixel_values"].shape[-2:]], device=device)
+        real_sizes = [batch["original_sizes"].to(device), batch["crop_top_lefts"].to(device)]
+        time_ids = torch.cat([*real_sizes, target_sizes.expand(len(captions), 2)], dim=1).float()
     else:
         crop = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
         time_ids = compute_time_ids(resolution, crop, resolution, len(captions), device=device)
@@ -1402,6 +1825,32 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
         components["noise_scheduler"].config.prediction_type,
         weight_dtype,
     )
+
+
+def epoch_batches(train_dataloader, accelerator, global_step, num_update_steps_per_epoch, args):
+    """Upstream's loader, epoch after epoch from the one `global_step` is in. A resumed epoch
+    replays its shuffle order (which depends only on seed and epoch) and skips the batches
+    already trained on."""
+    first_epoch = global_step // num_update_steps_per_epoch
+    batches_to_skip = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    for epoch in itertools.count(first_epoch):
+        train_dataloader.set_epoch(epoch)
+        if epoch == first_epoch and batches_to_skip:
+            yield from accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        else:
+            yield from train_dataloader
+
+
+def load_data_state(checkpoint, process_index):
+    """This process's position in the planned batches, saved with the checkpoint."""
+    path = data_state_path(checkpoint, process_index)
+    if not os.path.exists(path):
+        raise ValueError(
+            f"{checkpoint} holds no data position for process {process_index}: it was saved by a run with"
+            " upstream's loader or with fewer processes. Resume with the data options and process count it was"
+            " saved with."
+        )
+    return torch.load(path, weights_only=False)
 
 
 def check_step_loss(step_loss, step, skipped_steps, args):
@@ -1488,7 +1937,7 @@ def main(args):
 
     # Data first: a missing column fails before any model is loaded.
     with accelerator.main_process_first():
-        train_dataset = load_train_dataset(args)
+        train_dataset = load_streaming_dataset(args) if args.streaming else load_train_dataset(args)
 
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
@@ -1535,28 +1984,44 @@ def main(args):
         train_dataset = train_dataset.add_column(LATENT_KEY_COLUMN, keys)
         if accelerator.device.type != "cpu":
             vae.to("cpu")  # only validation decodes now: free its GPU memory in between
-    train_dataloader = make_train_dataloader(train_dataset, args, latent_cache_dir)
-
-    num_update_steps_per_epoch = math.ceil(
-        math.ceil(len(train_dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
-    )
-    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+    # Planned batches are built per process and not prepared: accelerate neither shards nor
+    # skips them; their own state does (see make_planned_dataloader).
+    planned = uses_planned_batches(args)
+    if planned:
+        train_dataloader, batches_per_epoch = make_planned_dataloader(
+            train_dataset, args, accelerator.process_index, accelerator.num_processes,
+            adapter_total_downscale(adapter_config),
+        )
+    else:
+        train_dataloader = make_train_dataloader(train_dataset, args, latent_cache_dir)
+        batches_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps, accelerator.num_processes)
 
-    adapter, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        adapter, optimizer, train_dataloader, lr_scheduler
-    )
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    if planned:
+        adapter, optimizer, lr_scheduler = accelerator.prepare(adapter, optimizer, lr_scheduler)
+    else:
+        adapter, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            adapter, optimizer, train_dataloader, lr_scheduler
+        )
+        batches_per_epoch = len(train_dataloader)
+    num_update_steps_per_epoch = None  # a stream's is unknown
+    if batches_per_epoch is not None:
+        num_update_steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(train_dataset)}")
-    logger.info(f"  Num batches each epoch = {len(train_dataloader)}")
-    logger.info(f"  Num epochs = {num_train_epochs}")
+    if args.streaming:
+        logger.info(f"  Streamed in windows of {args.shuffle_buffer_size} samples")
+    else:
+        logger.info(f"  Num examples = {len(train_dataset)}")
+        logger.info(f"  Num batches each epoch = {batches_per_epoch}")
+        logger.info(f"  Num epochs = {math.ceil(max_train_steps / num_update_steps_per_epoch)}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  Total train batch size (parallel, distributed, accumulation) = {total_batch_size}")
     logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
@@ -1570,8 +2035,12 @@ def main(args):
         accelerator.print(f"Resuming from checkpoint {resume_path}")
         accelerator.load_state(resume_path)
         global_step = checkpoint_step(resume_path)
-    first_epoch = global_step // num_update_steps_per_epoch
-    batches_to_skip = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+        if planned:
+            train_dataloader.load_state_dict(load_data_state(resume_path, accelerator.process_index))
+    if planned:
+        batches = train_dataloader
+    else:
+        batches = epoch_batches(train_dataloader, accelerator, global_step, num_update_steps_per_epoch, args)
 
     components = {
         "vae": vae,
@@ -1588,52 +2057,45 @@ def main(args):
     skipped_steps = 0
     loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
     preemption = PreemptionHandler()
-    for epoch in range(first_epoch, num_train_epochs):
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            # Replay the interrupted epoch's order and skip what was already trained on.
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
-        for batch in batches:
-            with accelerator.accumulate(adapter):
-                loss = batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, accelerator.device)
-                accelerator.backward(loss)
-                loss_sum, micro_steps = loss_sum + loss.detach(), micro_steps + 1
-                update = True
-                if accelerator.sync_gradients:
-                    # The step's loss (mean over micro-batches and processes), checked before the update.
-                    step_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
-                    loss_sum, micro_steps = torch.zeros_like(loss_sum), 0
-                    update = check_step_loss(step_loss, global_step + 1, skipped_steps, args)
-                    skipped_steps += not update
-                    if update:
-                        accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
+    for batch in batches:
+        with accelerator.accumulate(adapter):
+            loss = batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, accelerator.device)
+            accelerator.backward(loss)
+            loss_sum, micro_steps = loss_sum + loss.detach(), micro_steps + 1
+            update = True
+            if accelerator.sync_gradients:
+                # The step's loss (mean over micro-batches and processes), checked before the update.
+                step_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
+                loss_sum, micro_steps = torch.zeros_like(loss_sum), 0
+                update = check_step_loss(step_loss, global_step + 1, skipped_steps, args)
+                skipped_steps += not update
                 if update:
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-            if not accelerator.sync_gradients:
-                continue
+                    accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
+            if update:
+                optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+        if not accelerator.sync_gradients:
+            continue
 
-            global_step += 1
-            progress_bar.update(1)
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-            progress_bar.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
+        global_step += 1
+        progress_bar.update(1)
+        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+        progress_bar.set_postfix(**logs)
+        accelerator.log(logs, step=global_step)
 
-            saved = global_step % args.checkpointing_steps == 0
-            if saved:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if args.validation_prompt is not None and global_step % args.validation_steps == 0:
-                if accelerator.is_main_process:
-                    image_logs = run_validation(components, adapter, args, accelerator, weight_dtype, global_step)
-                validated_step = global_step
-            if preemption.requested(accelerator):
-                if not saved:
-                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                preemption.stop(accelerator, global_step, args.output_dir)
-            if global_step >= max_train_steps:
-                break
+        data_state = train_dataloader.state_dict() if planned else None
+        saved = global_step % args.checkpointing_steps == 0
+        if saved:
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
+        if args.validation_prompt is not None and global_step % args.validation_steps == 0:
+            if accelerator.is_main_process:
+                image_logs = run_validation(components, adapter, args, accelerator, weight_dtype, global_step)
+            validated_step = global_step
+        if preemption.requested(accelerator):
+            if not saved:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
+            preemption.stop(accelerator, global_step, args.output_dir)
         if global_step >= max_train_steps:
             break
     preemption.restore()

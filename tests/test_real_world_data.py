@@ -2,15 +2,17 @@
 each image's aspect ratio."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision import transforms
 
 import train_t2i_adapter_sdxl as train
-from helpers import RESOLUTION, run_training, training_argv
+from helpers import RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv
 
 
 @pytest.mark.parametrize("height,width", [(64, 96), (96, 64), (64, 64), (77, 131), (1024, 683)])
@@ -77,3 +79,194 @@ def test_validation_with_a_non_square_image_is_not_stretched(tiny_sdxl, fill_dat
                                "--num_validation_images", 1))
     with Image.open(tmp_path / "out" / "images_0.png") as grid:  # condition + 1 sample side by side
         assert grid.size == (2 * 96, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aspect-ratio buckets, random crops and flips, on-the-fly canny (planned batches)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_buckets_follow_sdxl_list_at_1024():
+    """SDXL's own buckets at 1024² (sides multiples of 64, never more pixels than 1024²)."""
+    buckets = train.aspect_ratio_buckets(1024, 32)
+    for bucket in [(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (1216, 832), (768, 1344), (512, 2048)]:
+        assert bucket in buckets
+    assert all(h % 64 == 0 and w % 64 == 0 and h * w <= 1024**2 and h * w > 0.85 * 1024**2 for h, w in buckets)
+    assert all(1 / 4 <= h / w <= 4 for h, w in buckets)
+    assert train.nearest_bucket(683, 1024, buckets) == (832, 1216)
+    assert train.nearest_bucket(1000, 1000, buckets) == (1024, 1024)
+    # Small resolutions keep the adapter's multiple.
+    assert all(h % 32 == 0 and w % 32 == 0 for h, w in train.aspect_ratio_buckets(128, 32))
+
+
+def test_planned_batches_cover_every_sample_once_each_batch_one_size():
+    targets = [(64, 64)] * 10 + [(32, 128)] * 7 + [(128, 32)] * 3
+    batches = train.plan_batches(targets, 4, np.random.default_rng(0))
+    positions = [p for batch in batches for p in batch]
+    assert sorted(positions) == list(range(len(targets)))
+    assert all(len({targets[p] for p in batch}) == 1 and 1 <= len(batch) <= 4 for batch in batches)
+    assert train.plan_batches(targets, 4, np.random.default_rng(0)) == batches
+    assert train.plan_batches(targets, 4, np.random.default_rng(1)) != batches
+
+
+def stored_png(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def pair_transform(**flags):
+    args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *flags.pop("argv", [])])
+    for key, value in flags.items():
+        setattr(args, key, value)
+    return train.PairTransform(args)
+
+
+@pytest.mark.parametrize("target", [(64, 64), (32, 96), (96, 32)])
+def test_crop_and_flip_are_identical_on_image_and_condition(target):
+    """A 77×131 image whose condition is the same picture: after random crops and flips, the
+    condition matches the image pixel for pixel, and the reported crop corner is where the crop is."""
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, size=(77, 131, 3), dtype=np.uint8))
+    sample = {"image": stored_png(picture), "conditioning_image": stored_png(picture), "text": "t"}
+    transform = pair_transform(random_crop=True, random_flip=True)
+    corners, flips = set(), 0
+    for seed in range(12):
+        out = transform(sample, target, seed)
+        assert out["pixel_values"].shape == (3, *target)
+        assert torch.allclose(out["conditioning_pixel_values"] * 2 - 1, out["pixel_values"], atol=1e-6)
+        assert out["original_sizes"].tolist() == [77, 131]
+        top, left = out["crop_top_lefts"].tolist()
+        resized_h, resized_w = train.cover_size(77, 131, *target)
+        resized = picture.resize((resized_w, resized_h), Image.BILINEAR)
+        expected = resized.transpose(Image.FLIP_LEFT_RIGHT).crop((left, top, left + target[1], top + target[0]))
+        if not torch.allclose(transforms.functional.to_tensor(expected), out["conditioning_pixel_values"]):
+            expected = resized.crop((left, top, left + target[1], top + target[0]))
+            assert torch.allclose(transforms.functional.to_tensor(expected), out["conditioning_pixel_values"])
+        else:
+            flips += 1
+        corners.add((top, left))
+    assert len(corners) > 1 and 0 < flips < 12  # really random, and both ways
+
+
+def test_centre_crop_without_flags_matches_upstreams_transform():
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(77, 131, 3), dtype=np.uint8))
+    sample = {"image": stored_png(picture), "conditioning_image": stored_png(picture), "text": "t"}
+    out = pair_transform()(sample, (RESOLUTION, RESOLUTION), 0)
+    assert torch.equal(out["pixel_values"], train.image_transform(RESOLUTION)(picture))
+    assert out["crop_top_lefts"].tolist() == list(train.center_crop_top_left(77, 131, RESOLUTION))
+
+
+def test_canny_condition_is_made_from_the_final_crop(fill_data):
+    """--conditioning_type canny: white edges on the filled circle's outline, none in flat areas,
+    thresholds random per sample yet reproducible from the sample's seed."""
+    row = json.loads((Path(fill_data["imagefolder"]) / "train" / "metadata.jsonl").read_text().splitlines()[0])
+    target = Image.open(Path(fill_data["imagefolder"]) / "train" / row["file_name"]).convert("RGB")
+    sample = {"image": stored_png(target), "text": row["text"]}
+    transform = pair_transform(conditioning_type="canny")
+    out = transform(sample, (RESOLUTION, RESOLUTION), 3)
+    edges = out["conditioning_pixel_values"]
+    assert edges.shape == (3, RESOLUTION, RESOLUTION) and set(edges.unique().tolist()) <= {0.0, 1.0}
+    pixels = np.asarray(target).astype(int)
+    # Where all 3×3 neighbours share the pixel's colour the image is flat: no edge there.
+    flat = np.ones(pixels.shape[:2], bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            flat &= (np.roll(pixels, (dy, dx), axis=(0, 1)) == pixels).all(axis=2)
+    edge_map = edges[0].numpy() > 0
+    assert edge_map.sum() > 20 and not (edge_map & flat)[2:-2, 2:-2].any()
+    assert torch.equal(transform(sample, (RESOLUTION, RESOLUTION), 3)["conditioning_pixel_values"], edges)
+    thresholds = {train.random_canny_thresholds(__import__("random").Random(seed)) for seed in range(20)}
+    assert len(thresholds) > 10
+
+
+def mixed_aspect_folder(fill_data, folder):
+    """Half the fill samples widened to 256×64, half kept square: buckets (64, 64) and (32, 128)
+    at resolution 64."""
+    wide = wide_fill_folder(fill_data, folder, width=256)
+    metadata = Path(wide["imagefolder"]) / "train" / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    for row in rows[::2]:
+        for key in ("file_name", "conditioning_image_file_name"):
+            path = Path(wide["imagefolder"]) / "train" / row[key]
+            Image.open(path).crop((96, 0, 160, 64)).save(path)
+    return wide
+
+
+def test_buckets_train_each_batch_at_one_bucket_with_real_micro_conditioning(
+    tiny_sdxl, fill_data, tmp_path, monkeypatch
+):
+    """Square and 4:1 samples at resolution 64: batches of 64×64 and of 32×128, each with its own
+    target size in the time ids, and the real original sizes."""
+    seen = []
+    loss = train.adapter_training_loss
+
+    def recording_loss(*args, **kwargs):
+        seen.append((tuple(args[3].shape[-2:]), args[5]["time_ids"].tolist()))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "adapter_training_loss", recording_loss)
+    data = mixed_aspect_folder(fill_data, tmp_path / "mixed")
+    run_training(training_argv(tiny_sdxl, data, tmp_path / "out", "--max_train_steps", 8, "--aspect_ratio_buckets"))
+    assert train.aspect_ratio_buckets(RESOLUTION, 32) == [(32, 128), (64, 64), (128, 32)]
+    assert {shape for shape, _ in seen} == {(64, 64), (32, 128)}
+    for shape, time_ids in seen:
+        for original_h, original_w, top, left, target_h, target_w in time_ids:
+            assert (target_h, target_w) == shape
+            assert (original_h, original_w) == ((64, 64) if shape == (64, 64) else (64, 256))
+            assert (top, left) == (0, 0)  # centre crop of a resize that fits exactly
+
+
+def test_canny_on_the_fly_needs_no_stored_conditions(tiny_sdxl, fill_data, tmp_path):
+    """A dataset without a conditioning column trains with --conditioning_type canny."""
+    source = Path(fill_data["imagefolder"]) / "train"
+    (tmp_path / "plain" / "train").mkdir(parents=True)
+    rows = []
+    for line in (source / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        shutil.copy(source / row["file_name"], tmp_path / "plain" / "train" / Path(row["file_name"]).name)
+        rows.append({"file_name": Path(row["file_name"]).name, "text": row["text"]})
+    (tmp_path / "plain" / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = training_argv(tiny_sdxl, {"imagefolder": tmp_path / "plain"}, tmp_path / "out", "--max_train_steps", 2)
+    with pytest.raises(ValueError, match="conditioning_image"):
+        run_training(argv)
+    assert run_training(argv + ["--conditioning_type", "canny"]) == 2
+    assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--aspect_ratio_buckets", "--random_crop", "--random_flip", "--dataloader_num_workers", 1,
+     "--gradient_accumulation_steps", 2],
+    ["--conditioning_type", "canny", "--random_crop"],
+])
+def test_planned_batches_resume_exactly(tiny_sdxl, fill_data, tmp_path, flags):
+    """Random crops, flips, buckets and canny thresholds are drawn per sample from the plan's seeds,
+    and the plan's position is saved: a resumed run ends bit for bit where the straight run ends."""
+    data = mixed_aspect_folder(fill_data, tmp_path / "mixed")
+    common = ["--max_train_steps", 7, "--checkpointing_steps", 3, *flags]
+    run_training(training_argv(tiny_sdxl, data, tmp_path / "straight", *common))
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    assert run_training(training_argv(tiny_sdxl, data, tmp_path / "resumed", *common,
+                                      "--resume_from_checkpoint", "latest")) == 7
+    assert max_weight_difference(load_adapter_weights(tmp_path / "straight"),
+                                 load_adapter_weights(tmp_path / "resumed")) == 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--streaming"], "`--streaming` needs `--max_train_steps`"),
+    (["--streaming", "--max_train_steps", "2", "--max_train_samples", "4"], "cannot be used with `--streaming`"),
+    (["--cache_latents", "--random_flip"], "cannot be combined with --random_flip"),
+    (["--cache_latents", "--aspect_ratio_buckets"], "cannot be combined with --aspect_ratio_buckets"),
+    (["--cache_latents", "--conditioning_type", "canny"], "cannot be combined with --conditioning_type canny"),
+    (["--shuffle_buffer_size", "0"], "`--shuffle_buffer_size` must be at least 1"),
+])
+def test_data_option_conflicts_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *flags])
+
+
+def test_buckets_turn_on_micro_conditioning():
+    args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--aspect_ratio_buckets"])
+    assert args.micro_conditioning
