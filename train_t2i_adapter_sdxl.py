@@ -543,6 +543,19 @@ def used_columns(args):
     return {flag: getattr(args, flag) for flag in flags}
 
 
+def undecoded_images(dataset, args):
+    """The dataset with its image columns left as stored (bytes or a path): decoded only where a
+    sample is transformed, and small enough to hold a shuffle window of them."""
+    from datasets import Image as ImageFeature
+
+    if dataset.features is None:  # a stream whose features are unknown decodes nothing itself
+        return dataset
+    for flag, column in used_columns(args).items():
+        if flag != "caption_column":
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset
+
+
 def check_columns(column_names, args):
     for flag, column in used_columns(args).items():
         if column not in column_names:
@@ -583,7 +596,6 @@ def load_streaming_dataset(args):
     """The training split as a `datasets` IterableDataset (--streaming): nothing is downloaded or
     read ahead. Image columns stay undecoded (bytes) until a sample is transformed, so a shuffle
     window holds compressed images only."""
-    from datasets import Image as ImageFeature
     from datasets import load_dataset
 
     flag, location = dataset_location(args)
@@ -598,10 +610,7 @@ def load_streaming_dataset(args):
         raise ValueError(f"`{flag}` {location!r} holds no training samples.")
     check_columns(column_names, args)
     stream = stream.select_columns(list(used_columns(args).values()) + (["__key__"] if "__key__" in column_names else []))
-    for flag, column in used_columns(args).items():
-        if flag != "caption_column" and stream.features is not None:
-            stream = stream.cast_column(column, ImageFeature(decode=False))
-    return stream
+    return undecoded_images(stream, args)
 
 
 def open_stored_image(value):
@@ -653,10 +662,7 @@ def scan_samples(dataset, args):
                 f"`--{flag}` column {column!r} holds {dataset.features[column]}, not images."
                 " (An imagefolder's metadata.jsonl must name it with the '_file_name' suffix.)"
             )
-    stored = dataset.select_columns(list(columns.values()))
-    for flag, column in columns.items():
-        if flag != "caption_column":
-            stored = stored.cast_column(column, ImageFeature(decode=False))
+    stored = undecoded_images(dataset.select_columns(list(columns.values())), args)
     bad, sizes = [], []
     for row, sample in enumerate(stored):
         problem, size = inspect_sample(*stored_sample(sample, args))
@@ -1073,32 +1079,26 @@ def make_planned_dataloader(dataset, args, rank, world_size, multiple):
     buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
     transform = PairTransform(args)
     loader_options = {
-        "collate_fn": collate_fn,
         "num_workers": args.dataloader_num_workers,
         "persistent_workers": args.dataloader_num_workers > 0,
         "pin_memory": torch.cuda.is_available(),
         # Its own generator: creating an iterator must not draw from the global torch RNG (see make_train_dataloader).
         "generator": torch.Generator().manual_seed(args.seed or 0),
     }
-    if isinstance(dataset, IterableDataset):
+    if isinstance(dataset, IterableDataset):  # it yields whole batches
         batches = StreamingBatches(dataset, transform, args, rank, world_size, buckets)
-        loader_options["collate_fn"] = None
         return StatefulDataLoader(batches, batch_size=None, **loader_options), None
     if buckets:
         targets = [nearest_bucket(*size, buckets) for size in dataset[SIZE_COLUMN]]
     else:
         targets = [(args.resolution, args.resolution)] * len(dataset)
     sampler = PlannedBatchSampler(targets, args.train_batch_size, args.seed or 0, rank, world_size)
-    if sampler.batches_per_epoch() == 0:
+    batches_per_epoch = sampler.batches_per_epoch()
+    if batches_per_epoch == 0:
         raise ValueError(f"{len(dataset)} samples make no batch for each of the {world_size} processes.")
-    from datasets import Image as ImageFeature
-
-    undecoded = dataset
-    for column in used_columns(args).values():
-        if column != args.caption_column:
-            undecoded = undecoded.cast_column(column, ImageFeature(decode=False))
-    dataloader = StatefulDataLoader(PlannedPairs(undecoded, transform), batch_sampler=sampler, **loader_options)
-    return dataloader, sampler.batches_per_epoch()
+    pairs = PlannedPairs(undecoded_images(dataset, args), transform)
+    dataloader = StatefulDataLoader(pairs, batch_sampler=sampler, collate_fn=collate_fn, **loader_options)
+    return dataloader, batches_per_epoch
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ Rows of the tiny table:
                 host sync, noise added in the mixed-precision dtype, the VAE run at every step.
   ours          the defaults: text embeddings on the fly, frozen UNet, one gather for σ.
   ours+cache    ours with --cache_latents, the cache already filled by an earlier run.
+  ours+stream   ours with --streaming: the same data read as a `datasets` IterableDataset through
+                the planned-batch loader (not run unless named in --rows).
 
 Example: python scripts/benchmark.py --size tiny --num_samples 2048 --steps 20
 """
@@ -35,14 +37,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
-TINY_ROWS = ("upstream", "ours", "ours+cache")
+TINY_ROWS = ("upstream", "ours", "ours+cache", "ours+stream")
 H100_BF16_DENSE_TFLOPS = 790.0  # measured peak on the lent H100s
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "sdxl"], default="tiny")
-    parser.add_argument("--rows", nargs="+", default=list(TINY_ROWS), help="Tiny rows to run.")
+    parser.add_argument("--rows", nargs="+", choices=TINY_ROWS, default=list(TINY_ROWS[:3]), help="Tiny rows to run.")
     parser.add_argument("--data_format", choices=["imagefolder", "parquet"], default="imagefolder",
                         help="Tiny: the same fill samples as an imagefolder (--train_data_dir) or parquet (--dataset_name).")
     parser.add_argument("--num_samples", type=int, default=2048, help="Tiny: dataset size (time to step 1 grows with it upstream).")
@@ -194,6 +196,8 @@ def run_tiny_row(row, options):
     ]
     if row == "ours+cache":
         argv += ["--cache_latents", "--latent_cache_dir", latent_dir]
+    if row == "ours+stream":
+        argv += ["--streaming"]
     if row == "upstream":
         install_upstream_behaviour(train, work, report)
     clock = StepClock(train)
