@@ -34,13 +34,14 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from huggingface_hub import create_repo, upload_folder
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms
 from tqdm.auto import tqdm
 
 logger = get_logger(__name__)
 
 SDXL_DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+EXIF_ORIENTATION = 0x0112  # the EXIF tag datasets applies when it decodes an image
 ADAPTER_SUBFOLDER = "t2iadapter"  # where a checkpoint keeps the adapter in diffusers format
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LR_SCHEDULERS = (
@@ -622,6 +623,18 @@ def open_stored_image(value):
     return Image.open(value["path"])
 
 
+def upright_size(image):
+    """(width, height) of an opened image as it is shown, and as `datasets` decodes it: after its
+    EXIF orientation (a quarter turn swaps the sides). Read from the header alone."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (width, height)
+
+
+def load_upright_rgb(value):
+    """A stored image decoded as `datasets` decodes it (EXIF orientation applied), in RGB."""
+    return ImageOps.exif_transpose(open_stored_image(value)).convert("RGB")
+
+
 def inspect_sample(image, conditioning_image, caption):
     """(problem, (height, width)) of a stored sample: why it cannot be trained on (None when it
     can) and the image's size. Reads image headers and checks their data without decoding the
@@ -631,8 +644,9 @@ def inspect_sample(image, conditioning_image, caption):
     for name, value in stored:
         try:
             with open_stored_image(value) as opened:
-                sizes.append(opened.size)
-                opened.verify()
+                opened.verify()  # checks the data; it leaves the image unusable, hence a second open
+            with open_stored_image(value) as opened:
+                sizes.append(upright_size(opened))
         except Exception as error:
             return f"unreadable {name} ({error})", None
     (width, height), *condition_size = sizes
@@ -908,10 +922,10 @@ class PairTransform:
 
     def __call__(self, sample, target_size, seed):
         rng = random.Random(seed)
-        image = open_stored_image(sample[self.image_column]).convert("RGB")
+        image = load_upright_rgb(sample[self.image_column])
         condition = None
         if self.conditioning_type == "image":
-            condition = open_stored_image(sample[self.conditioning_image_column]).convert("RGB")
+            condition = load_upright_rgb(sample[self.conditioning_image_column])
             if self.detection_resolution is not None:
                 # As if a detector had made the condition at its working size (shorter side).
                 working = cover_size(image.height, image.width, self.detection_resolution, self.detection_resolution)

@@ -1,5 +1,6 @@
-"""Real-world data: true SDXL micro-conditioning for non-square images and validation that keeps
-each image's aspect ratio."""
+"""Real-world data (issue 5): true SDXL micro-conditioning for non-square images, validation that
+keeps each image's aspect ratio, aspect-ratio buckets, random crops and flips, on-the-fly canny,
+and streaming from WebDataset shards with 1 and 2 processes, each resuming exactly."""
 
 import json
 import shutil
@@ -236,6 +237,17 @@ def test_canny_on_the_fly_needs_no_stored_conditions(tiny_sdxl, fill_data, tmp_p
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def assert_resume_is_exact(model, data, tmp_path, flags):
+    """7 steps straight, and 7 steps resumed from the straight run's checkpoint-3: the same adapter."""
+    common = ["--max_train_steps", 7, "--checkpointing_steps", 3, *flags]
+    run_training(training_argv(model, data, tmp_path / "straight", *common))
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    assert run_training(training_argv(model, data, tmp_path / "resumed", *common,
+                                      "--resume_from_checkpoint", "latest")) == 7
+    assert max_weight_difference(load_adapter_weights(tmp_path / "straight"),
+                                 load_adapter_weights(tmp_path / "resumed")) == 0
+
+
 @pytest.mark.parametrize("flags", [
     ["--aspect_ratio_buckets", "--random_crop", "--random_flip", "--dataloader_num_workers", 1,
      "--gradient_accumulation_steps", 2],
@@ -244,14 +256,7 @@ def test_canny_on_the_fly_needs_no_stored_conditions(tiny_sdxl, fill_data, tmp_p
 def test_planned_batches_resume_exactly(tiny_sdxl, fill_data, tmp_path, flags):
     """Random crops, flips, buckets and canny thresholds are drawn per sample from the plan's seeds,
     and the plan's position is saved: a resumed run ends bit for bit where the straight run ends."""
-    data = mixed_aspect_folder(fill_data, tmp_path / "mixed")
-    common = ["--max_train_steps", 7, "--checkpointing_steps", 3, *flags]
-    run_training(training_argv(tiny_sdxl, data, tmp_path / "straight", *common))
-    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
-    assert run_training(training_argv(tiny_sdxl, data, tmp_path / "resumed", *common,
-                                      "--resume_from_checkpoint", "latest")) == 7
-    assert max_weight_difference(load_adapter_weights(tmp_path / "straight"),
-                                 load_adapter_weights(tmp_path / "resumed")) == 0
+    assert_resume_is_exact(tiny_sdxl, mixed_aspect_folder(fill_data, tmp_path / "mixed"), tmp_path, flags)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -270,3 +275,120 @@ def test_data_option_conflicts_are_refused(flags, message):
 def test_buckets_turn_on_micro_conditioning():
     args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--aspect_ratio_buckets"])
     assert args.micro_conditioning
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming from WebDataset shards
+# ----------------------------------------------------------------------------------------------
+
+SHARD_COLUMNS = ["--image_column", "png", "--conditioning_image_column", "cond.png", "--caption_column", "txt"]
+
+
+@pytest.fixture(scope="module")
+def fill_shards(fill_data, tmp_path_factory):
+    """The 32 fill samples as 4 WebDataset shards of 8, made by scripts/make_shards.py."""
+    from make_shards import main as make_shards
+
+    folder = tmp_path_factory.mktemp("shards")
+    make_shards(["--train_data_dir", str(fill_data["imagefolder"]), "--output_dir", str(folder),
+                 "--samples_per_shard", "8"])
+    assert len(list(folder.glob("*.tar"))) == 4
+    return {"imagefolder": folder}
+
+
+def streaming_args(fill_shards, world_size=1, **overrides):
+    args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", str(fill_shards["imagefolder"]),
+                             "--streaming", "--max_train_steps", "1", "--seed", "0", *SHARD_COLUMNS])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_each_process_streams_its_own_shards_in_a_new_order_each_epoch(fill_shards):
+    args = streaming_args(fill_shards)
+    stream = train.load_streaming_dataset(args)
+    assert stream.num_shards == 4
+    keys = {}
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            batches = train.StreamingBatches(stream, None, args, rank=rank, world_size=2)
+            keys[epoch, rank] = [sample["__key__"] for sample in batches.epoch_stream(epoch)]
+    for epoch in (0, 1):
+        assert not set(keys[epoch, 0]) & set(keys[epoch, 1])
+        assert len(keys[epoch, 0]) == len(keys[epoch, 1]) == 16 and len(set(keys[epoch, 0] + keys[epoch, 1])) == 32
+    assert (keys[0, 0], keys[0, 1]) != (keys[1, 0], keys[1, 1])
+
+
+def test_streaming_batches_cover_the_stream_once_per_epoch(fill_shards, monkeypatch):
+    """Windows of 12 over 32 samples, batch 4: every sample exactly once in the first epoch."""
+    args = streaming_args(fill_shards, shuffle_buffer_size=12, train_batch_size=4)
+    batches = train.StreamingBatches(train.load_streaming_dataset(args), lambda s, target, seed: s["__key__"], args)
+    monkeypatch.setattr(train, "collate_fn", list)  # the transform above gives keys: batches of keys
+    epoch = []
+    for batch in batches:
+        assert 1 <= len(batch) <= 4
+        epoch += batch
+        if len(epoch) >= 32:
+            break
+    assert len(epoch) == 32 and len(set(epoch)) == 32
+
+
+def test_streaming_from_shards_resumes_exactly_with_workers(tiny_sdxl, fill_shards, tmp_path):
+    """Streamed from 4 tar shards by 2 DataLoader workers, windows of 12, random flips, interrupted
+    mid-window: the resumed run ends bit for bit where the straight run ends."""
+    flags = ["--streaming", *SHARD_COLUMNS, "--shuffle_buffer_size", 12, "--random_flip", "--dataloader_num_workers", 2]
+    assert_resume_is_exact(tiny_sdxl, fill_shards, tmp_path, flags)
+
+
+def test_two_processes_stream_with_buckets_and_resume(tiny_sdxl, fill_shards, tmp_path):
+    """2 processes (gloo), each streaming its own 2 shards with buckets: both ranks agree, and the
+    resumed run ends where the straight one ends."""
+    from test_robustness import run_two_processes
+
+    flags = ["--streaming", *SHARD_COLUMNS, "--shuffle_buffer_size", 8, "--aspect_ratio_buckets",
+             "--max_train_steps", 4, "--checkpointing_steps", 2]
+    straight = run_two_processes(tiny_sdxl, fill_shards, tmp_path / "straight", tmp_path / "w1", *flags)
+    assert (tmp_path / "straight" / "checkpoint-4" / "data_state_1.pt").is_file()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run_two_processes(tiny_sdxl, fill_shards, tmp_path / "resumed", tmp_path / "w2", *flags,
+                                "--resume_from_checkpoint", "latest")
+    assert max_weight_difference(straight, resumed) == 0
+
+
+def test_a_bad_streamed_sample_stops_naming_its_key_or_is_skipped(tiny_sdxl, fill_shards, tmp_path):
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shutil.copytree(fill_shards["imagefolder"], shards)
+    with tarfile.open(shards / "shard-00001.tar") as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    bad_name = next(member.name for member, _ in members if member.name.endswith(".png")
+                    and not member.name.endswith(".cond.png"))
+    with tarfile.open(shards / "shard-00001.tar", "w") as tar:
+        for member, data in members:
+            data = b"not a png" if member.name == bad_name else data
+            member.size = len(data)
+            tar.addfile(member, __import__("io").BytesIO(data))
+    flags = ["--streaming", *SHARD_COLUMNS, "--max_train_steps", 9, "--shuffle_buffer_size", 8]
+    key = bad_name.split(".")[0]
+    with pytest.raises(ValueError, match=f"Bad training sample '{key}': unreadable image"):
+        run_training(training_argv(tiny_sdxl, {"imagefolder": shards}, tmp_path / "out", *flags))
+    assert run_training(training_argv(tiny_sdxl, {"imagefolder": shards}, tmp_path / "out", *flags,
+                                      "--skip_bad_samples")) == 9
+
+
+def test_an_image_turned_by_exif_is_checked_and_loaded_upright():
+    """A 96×64 JPEG whose EXIF says 'turn a quarter' is shown (and decoded by datasets) as 64×96:
+    its upright 64×96 condition fits it, and training sees it upright too."""
+    import io
+
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[train.EXIF_ORIENTATION] = 6
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(buffer, format="JPEG", exif=exif)
+    image = {"bytes": buffer.getvalue(), "path": None}
+    condition = stored_png(Image.new("RGB", (64, 96)))
+    assert train.inspect_sample(image, condition, "red") == (None, (96, 64))
+    problem, _ = train.inspect_sample(image, stored_png(Image.new("RGB", (96, 64))), "red")
+    assert problem == "conditioning image is 96x64 but the image is 64x96"
+    assert train.load_upright_rgb(image).size == (64, 96)
