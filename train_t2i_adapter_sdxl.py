@@ -2015,6 +2015,9 @@ def main(args):
     lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps, accelerator.num_processes)
 
     if planned:
+        if accelerator.state.deepspeed_plugin is not None:
+            # DeepSpeed takes its per-GPU batch from a prepared dataloader, and this one is not prepared.
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
         adapter, optimizer, lr_scheduler = accelerator.prepare(adapter, optimizer, lr_scheduler)
     else:
         adapter, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(

@@ -72,6 +72,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_within_seconds(tiny_sdxl, fill_dat
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     seconds_to_exit = time.time() - signalled
+    print(f"SIGTERM to exit: {seconds_to_exit:.1f} s")
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert seconds_to_exit < 30
     stopped = re.search(r"Stopped by SIGTERM at step (\d+); saved (\S+)checkpoint-(\d+)\.", stderr)
