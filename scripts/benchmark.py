@@ -8,8 +8,10 @@ repeated in alternating order and the best run is kept, because on a shared mach
                 tiny SDXL and a fill dataset, with the configurations below.
   --size sdxl   (GPU) builds UNet, VAE and both text encoders from the real SDXL configs with
                 random weights (speed and memory do not depend on the weights) and times the
-                training step at 1024² for each batch size, with and without gradient
-                checkpointing, plus the UNet's model FLOPs utilisation.
+                training step at 1024² for each batch size: as upstream runs it (b<N>-upstream: the
+                UNet left trainable, upstream's σ lookup and low-precision noising), ours
+                (b<N>), and ours with gradient checkpointing (b<N>-gc); plus the UNet's model FLOPs
+                utilisation. Ratios compare each row with the upstream row of its batch size.
 
 Rows of the tiny table:
   upstream      our script with every new speed feature off, as upstream runs: all captions encoded
@@ -246,7 +248,7 @@ SDXL_VAE = dict(
 
 
 def run_sdxl_row(row, options):
-    """Row name 'b<batch>[-gc]': one SDXL-size training step timed with our loss; returns measurements."""
+    """Row name 'b<batch>[-gc|-upstream]': one SDXL-size training step timed; returns measurements."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, T2IAdapter, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
@@ -254,10 +256,10 @@ def run_sdxl_row(row, options):
 
     import train_t2i_adapter_sdxl as train
 
-    batch, checkpointing = int(row.split("-")[0][1:]), row.endswith("-gc")
+    batch, checkpointing, upstream = int(row.split("-")[0][1:]), row.endswith("-gc"), row.endswith("-upstream")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = train.weight_dtype_for(options.mixed_precision)
-    unet = UNet2DConditionModel(**SDXL_UNET).to(device, dtype).requires_grad_(False)
+    unet = UNet2DConditionModel(**SDXL_UNET).to(device, dtype).requires_grad_(upstream)  # upstream never freezes it
     vae = AutoencoderKL(**SDXL_VAE).to(device).requires_grad_(False)
     text_encoders = [
         CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -279,16 +281,22 @@ def run_sdxl_row(row, options):
     input_ids = torch.randint(0, 49408, (batch, 77), device=device)
     time_ids = train.compute_time_ids((resolution,) * 2, (0, 0), (resolution,) * 2, batch, device=device)
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    training_loss = upstream_training_loss(scheduler) if upstream else train.adapter_training_loss
+
+    @torch.no_grad()
+    def encode_text():
+        outputs = [encoder(input_ids, output_hidden_states=True) for encoder in text_encoders]
+        return torch.cat([o.hidden_states[-2] for o in outputs], dim=-1), outputs[1][0]
+
+    precomputed_text = encode_text() if upstream else None  # upstream encodes every caption before training
 
     def step():
         with torch.no_grad():
             latents = train.encode_latents(vae, pixels)
-            outputs = [encoder(input_ids, output_hidden_states=True) for encoder in text_encoders]
-            prompt_embeds = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
+        prompt_embeds, pooled = precomputed_text or encode_text()
         with autocast:
-            loss = train.adapter_training_loss(unet, adapter, latents, conditions, prompt_embeds,
-                                               {"text_embeds": outputs[1][0], "time_ids": time_ids}, sigmas,
-                                               "epsilon", dtype)
+            loss = training_loss(unet, adapter, latents, conditions, prompt_embeds,
+                                 {"text_embeds": pooled, "time_ids": time_ids}, sigmas, "epsilon", dtype)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -311,7 +319,10 @@ def run_sdxl_row(row, options):
         synchronize()
         times.append(time.perf_counter() - tick)
 
-    # Model FLOPs of the UNet (+adapter) forward and backward, counted once.
+    # Model FLOPs of the UNet (+adapter) forward and backward with our frozen UNet, the same for every
+    # row: no recomputation (gradient checkpointing) and no unused UNet weight gradients (upstream).
+    unet.disable_gradient_checkpointing()
+    unet.requires_grad_(False)
     latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device)
     prompt_embeds = torch.randn(batch, 77, 2048, device=device, dtype=dtype)
     added = {"text_embeds": torch.randn(batch, 1280, device=device), "time_ids": time_ids}
@@ -354,14 +365,15 @@ def run_child(row, options):
     return report
 
 
-def table(reports, baseline_row):
-    """One line per row with the ratio of each to the baseline row."""
-    baseline = next((r for r in reports if r["row"] == baseline_row), reports[0])
+def table(reports, baseline_of):
+    """One line per row with the ratio of each to its baseline row (`baseline_of(row name)`)."""
+    by_name = {r["row"]: r for r in reports}
     has_mfu = any("mfu" in r for r in reports)
     header = ["row", "batch", "s/step", "img/s", "peak MB", "s to step 1", "text cache MB", "latent cache MB",
               "s/step ratio", "step-1 ratio", "memory ratio"] + (["UNet TFLOP/step", "MFU"] if has_mfu else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in reports:
+        baseline = by_name.get(baseline_of(r["row"]), reports[0])
         cells = [r["row"], str(r["batch"]), f"{r['seconds_per_step']:.4f}", f"{r['batch'] / r['seconds_per_step']:.1f}",
                  f"{r['peak_mb']:.0f}", f"{r['seconds_to_step_1']:.2f}", f"{r['text_cache_mb']:.2f}",
                  f"{r['latent_cache_mb']:.2f}", f"{r['seconds_per_step'] / baseline['seconds_per_step']:.2f}",
@@ -392,7 +404,7 @@ def main(options):
         prepare_tiny(options)
         rows = list(options.rows)
     else:
-        rows = [f"b{b}{suffix}" for b in options.batch_sizes for suffix in ("", "-gc")]
+        rows = [f"b{b}{suffix}" for b in options.batch_sizes for suffix in ("-upstream", "", "-gc")]
     runs = {row: [] for row in rows}
     for repeat in range(options.repeats):
         for row in rows if repeat % 2 == 0 else reversed(rows):
@@ -406,7 +418,7 @@ def main(options):
         reports.append(best)
     print(f"size={options.size} resolution={options.resolution} mixed_precision={options.mixed_precision}"
           f" steps={options.steps} (best of {options.repeats}) threads={options.threads}" + (f" samples={options.num_samples} data={options.data_format}" if tiny else ""))
-    print(table(reports, "upstream" if tiny else rows[0]))
+    print(table(reports, (lambda row: "upstream") if tiny else (lambda row: row.split("-")[0] + "-upstream")))
     if options.output_json:
         with open(options.output_json, "w") as f:
             json.dump(reports, f, indent=2)
