@@ -58,7 +58,7 @@ from PIL import ExifTags, Image, ImageOps
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
-from make_shards import stored_image_bytes  # noqa: E402
+from make_shards import add_dataset_arguments, stored_image_bytes  # noqa: E402
 from train_t2i_adapter_sdxl import canny_condition, random_canny_thresholds  # noqa: E402
 
 CONDITIONS = ("canny", "depth", "lineart", "sketch", "openpose")
@@ -395,14 +395,7 @@ def parse_args(argv=None):
         help="An imagefolder (with metadata.jsonl naming file_name and the caption), or a folder of images"
         " each with a same-named .txt caption.",
     )
-    source.add_argument(
-        "--dataset_name", default=None, help="Anything `datasets.load_dataset` reads: a hub id, a parquet folder, ..."
-    )
-    parser.add_argument(
-        "--dataset_config_name", default=None, help="Configuration of --dataset_name, if it has several."
-    )
-    parser.add_argument("--split", default="train", help="Split of an imagefolder or dataset input to read.")
-    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches the loaded input.")
+    add_dataset_arguments(parser, source)
     parser.add_argument("--image_column", default="image", help="Column of the images (imagefolder or dataset input).")
     parser.add_argument(
         "--caption_column", default="text", help="Column of the captions (imagefolder or dataset input)."

@@ -344,6 +344,19 @@ def image_field(shard_path):
     return None
 
 
+def add_dataset_arguments(parser, source):
+    """The flags that name a `datasets` input: --dataset_name (in the mutually exclusive `source`
+    group), its config, split and cache folder. Shared with make_conditions.py."""
+    source.add_argument(
+        "--dataset_name", default=None, help="Anything `datasets.load_dataset` reads: a hub id, a parquet folder, ..."
+    )
+    parser.add_argument(
+        "--dataset_config_name", default=None, help="Configuration of --dataset_name, if it has several."
+    )
+    parser.add_argument("--split", default="train", help="Split of the input to read.")
+    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches the loaded input.")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Write an image dataset (imagefolder or any `datasets` dataset) as WebDataset .tar shards.",
@@ -353,14 +366,7 @@ def parse_args(argv=None):
     source.add_argument(
         "--train_data_dir", default=None, help="Imagefolder with metadata.jsonl (e.g. make_fill_dataset.py's)."
     )
-    source.add_argument(
-        "--dataset_name", default=None, help="Anything `datasets.load_dataset` reads: a hub id, a parquet folder, ..."
-    )
-    parser.add_argument(
-        "--dataset_config_name", default=None, help="Configuration of --dataset_name, if it has several."
-    )
-    parser.add_argument("--split", default="train", help="Split of the input to write.")
-    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches the loaded input.")
+    add_dataset_arguments(parser, source)
     parser.add_argument("--image_column", default="image", help="Input column of the target images.")
     parser.add_argument(
         "--conditioning_image_column", default="conditioning_image", help="Input column of the conditioning images."
