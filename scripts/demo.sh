@@ -16,7 +16,7 @@ bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY=.venv/bin/python
 OUT=demo
-STEPS="${DEMO_STEPS:-400}"
+STEPS="${DEMO_STEPS:-1200}"
 
 mkdir -p "$OUT"
 # Rebuilt every time (a few seconds), so that an older random tiny-sdxl left in demo/ is never reused.

@@ -6,17 +6,19 @@ the control-fidelity score of scripts/evaluate.py on known answers."""
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 import evaluate
 from helpers import RESOLUTION, run_training, training_argv
 from make_fill_dataset import COLORS, build_fill_dataset
 
-# Measured on the 2-core CPU machine: 200 steps of batch 8 at lr 1e-3 (~35 s) reach a held-out gain
-# of 0.028 overall and 0.051 for t in [250, 500); with blank conditions the gain is 0.0002.
+# Measured on the 2-core CPU machine (one thread), base pretrained as in assets/tiny-fill-base: 200 steps
+# of batch 8 at lr 1e-3 (30-36 s) reach a held-out gain of 0.229 overall and 0.292 for t in [250, 500),
+# the same in two runs (the run is seeded; the evaluation's seeds 0 and 1 differ by 0.02 in the demo);
+# with blank conditions the gain is -0.0002 overall and within ±0.005 in every timestep range.
+# Thresholds: under half the measured gain; for blank conditions 0.01, twice the largest blank range.
 TRAIN_STEPS = 200
-MIN_GAIN = 0.015
+MIN_GAIN = 0.1
 MAX_BLANK_GAIN = 0.01
 
 
