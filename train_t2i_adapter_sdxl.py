@@ -829,17 +829,20 @@ def make_train_dataloader(dataset, args, latent_cache_dir=None):
         ),
         columns=columns,  # only these are decoded: no target image when its latents are cached
     )
-    generator = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
     return torch.utils.data.DataLoader(
-        dataset,
-        shuffle=True,
-        collate_fn=collate_fn,
-        batch_size=args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        persistent_workers=args.dataloader_num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        generator=generator,
+        dataset, shuffle=True, collate_fn=collate_fn, batch_size=args.train_batch_size, **loader_options(args)
     )
+
+
+def loader_options(args):
+    """DataLoader settings both loaders share: workers, pinned memory on CUDA, and a generator of
+    their own, so that creating an iterator never draws from the global torch RNG."""
+    return {
+        "num_workers": args.dataloader_num_workers,
+        "persistent_workers": args.dataloader_num_workers > 0,
+        "pin_memory": torch.cuda.is_available(),
+        "generator": torch.Generator().manual_seed(args.seed if args.seed is not None else 0),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -1092,16 +1095,9 @@ def make_planned_dataloader(dataset, args, rank, world_size, multiple):
 
     buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
     transform = PairTransform(args)
-    loader_options = {
-        "num_workers": args.dataloader_num_workers,
-        "persistent_workers": args.dataloader_num_workers > 0,
-        "pin_memory": torch.cuda.is_available(),
-        # Its own generator: creating an iterator must not draw from the global torch RNG (see make_train_dataloader).
-        "generator": torch.Generator().manual_seed(args.seed or 0),
-    }
     if isinstance(dataset, IterableDataset):  # it yields whole batches
         batches = StreamingBatches(dataset, transform, args, rank, world_size, buckets)
-        return StatefulDataLoader(batches, batch_size=None, **loader_options), None
+        return StatefulDataLoader(batches, batch_size=None, **loader_options(args)), None
     if buckets:
         targets = [nearest_bucket(*size, buckets) for size in dataset[SIZE_COLUMN]]
     else:
@@ -1111,7 +1107,7 @@ def make_planned_dataloader(dataset, args, rank, world_size, multiple):
     if batches_per_epoch == 0:
         raise ValueError(f"{len(dataset)} samples make no batch for each of the {world_size} processes.")
     pairs = PlannedPairs(undecoded_images(dataset, args), transform)
-    dataloader = StatefulDataLoader(pairs, batch_sampler=sampler, collate_fn=collate_fn, **loader_options)
+    dataloader = StatefulDataLoader(pairs, batch_sampler=sampler, collate_fn=collate_fn, **loader_options(args))
     return dataloader, batches_per_epoch
 
 
