@@ -49,7 +49,7 @@ from PIL import ExifTags, Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train_t2i_adapter_sdxl import upright_size  # noqa: E402
+from train_t2i_adapter_sdxl import verified_upright_size  # noqa: E402
 
 # The image formats whose bytes a shard keeps as they are, and the extension (column) each gets.
 EXTENSION_BY_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
@@ -78,11 +78,8 @@ def stored_image_bytes(value):
 
 def inspect_image(data):
     """(format, displayed size) of encoded image bytes; raises if they are not a readable image."""
-    # verify() must come straight after opening, so the header is read from a second opening.
     with Image.open(io.BytesIO(data)) as image:
-        image.verify()
-    with Image.open(io.BytesIO(data)) as image:
-        return image.format, upright_size(image)
+        return image.format, verified_upright_size(image)
 
 
 def encode_as(data, pil_format):

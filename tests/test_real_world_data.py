@@ -377,15 +377,16 @@ def test_a_bad_streamed_sample_stops_naming_its_key_or_is_skipped(tiny_sdxl, fil
                                       "--skip_bad_samples")) == 9
 
 
-def test_an_image_turned_by_exif_is_checked_and_loaded_upright():
-    """A 96×64 JPEG whose EXIF says 'turn a quarter' is shown (and decoded by datasets) as 64×96:
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
+def test_an_image_turned_by_exif_is_checked_and_loaded_upright(image_format):
+    """A 96×64 image whose EXIF says 'turn a quarter' is shown (and decoded by datasets) as 64×96:
     its upright 64×96 condition fits it, and training sees it upright too."""
     import io
 
     buffer = io.BytesIO()
     exif = Image.Exif()
     exif[train.EXIF_ORIENTATION] = 6
-    Image.new("RGB", (96, 64), (200, 30, 30)).save(buffer, format="JPEG", exif=exif)
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(buffer, format=image_format, exif=exif)
     image = {"bytes": buffer.getvalue(), "path": None}
     condition = stored_png(Image.new("RGB", (64, 96)))
     assert train.inspect_sample(image, condition, "red") == (None, (96, 64))

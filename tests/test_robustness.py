@@ -227,6 +227,32 @@ def test_bad_sample_fails_before_training_or_is_skipped(tiny_sdxl, fill_data, tm
     assert (output_dir / "checkpoint-7" / "keep.txt").is_file()
 
 
+def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sdxl, fill_data, tmp_path, monkeypatch):
+    """A second run on the same files reads the first run's sample check (no image opened) and gets
+    the same rows and sizes; once an image is changed, the files are checked again."""
+    folder = tmp_path / "data"
+    copy_imagefolder(fill_data, folder)
+    args = train.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", str(folder),
+                             "--cache_dir", str(tmp_path / "cache"), "--aspect_ratio_buckets", "--seed", "0"])
+    inspect_sample = train.inspect_sample
+    opened = []
+    monkeypatch.setattr(train, "inspect_sample", lambda *sample: opened.append(sample) or inspect_sample(*sample))
+
+    first = train.load_train_dataset(args)
+    assert len(opened) == 32
+    assert len(list((tmp_path / "cache").rglob("t2i_sample_check-*.json"))) == 1
+    second = train.load_train_dataset(args)
+    assert len(opened) == 32
+    assert list(second["text"]) == list(first["text"])
+    assert list(second[train.SIZE_COLUMN]) == list(first[train.SIZE_COLUMN]) == [[64, 64]] * 32
+
+    image = folder / "train" / "images" / "00003.png"
+    image.write_bytes(image.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"1 bad training sample\(s\).*unreadable image"):
+        train.load_train_dataset(args)
+    assert len(opened) == 64
+
+
 def test_text_in_an_image_column_is_refused(tiny_sdxl, fill_data, tmp_path):
     """A metadata key without the '_file_name' suffix loads as text: a clear error, not a crash."""
     folder = tmp_path / "data"

@@ -100,3 +100,34 @@ def test_torch_compile_flag_trains(tiny_sdxl, fill_data, tmp_path):
     from diffusers import T2IAdapter
 
     T2IAdapter.from_pretrained(tmp_path / "checkpoint-2" / train.ADAPTER_SUBFOLDER)
+
+
+def test_a_local_dataset_loads_the_same_with_each_folder_listed_once(tmp_path, monkeypatch):
+    """`datasets` finds an imagefolder's splits by globbing dozens of patterns over the whole folder.
+    With the listing reused it finds the same splits and rows, and lists each folder once."""
+    from datasets import load_dataset
+    from fsspec.implementations.local import LocalFileSystem
+    from PIL import Image
+
+    for split, count in (("train", 5), ("test", 2)):
+        folder = tmp_path / "data" / split
+        folder.mkdir(parents=True)
+        lines = []
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+            lines.append(f'{{"file_name": "{i}.png", "text": "{split} {i}"}}\n')
+        (folder / "metadata.jsonl").write_text("".join(lines))
+
+    listed = []
+    list_folder = LocalFileSystem.ls
+    monkeypatch.setattr(LocalFileSystem, "ls", lambda self, path, *a, **k: listed.append(path) or list_folder(self, path, *a, **k))
+    counting = LocalFileSystem.ls
+    plain = load_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    plain_listings = len(listed)
+    listed.clear()
+    with train.each_local_folder_listed_once():
+        once = load_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    assert LocalFileSystem.ls is counting  # put back as it was
+    assert {split: sorted(once[split]["text"]) for split in once} == {split: sorted(plain[split]["text"]) for split in plain}
+    assert sorted(once) == ["test", "train"]
+    assert len(listed) == len(set(listed)) < plain_listings / 5
