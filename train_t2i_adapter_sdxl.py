@@ -745,8 +745,10 @@ def recorded_scan_samples(dataset, args):
     if record_path is not None and os.path.exists(record_path):
         with open(record_path) as f:
             record = json.load(f)
+        logger.info(f"Read the sample check of {len(dataset)} samples from {record_path}.", main_process_only=False)
         return [tuple(entry) for entry in record["bad"]], [tuple(size) for size in record["sizes"]]
     bad, sizes = scan_samples(dataset, args)
+    logger.info(f"Checked all {len(dataset)} samples: {len(bad)} bad.", main_process_only=False)
     if record_path is not None:
         tmp_path = f"{record_path}.{os.getpid()}.tmp"
         try:

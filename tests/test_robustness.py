@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 import train_t2i_adapter_sdxl as train
 from helpers import load_adapter_weights, max_weight_difference, run_training, training_argv
@@ -234,6 +234,7 @@ def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sd
     copy_imagefolder(fill_data, folder)
     args = train.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", str(folder),
                              "--cache_dir", str(tmp_path / "cache"), "--aspect_ratio_buckets", "--seed", "0"])
+    PartialState()  # accelerate's logger needs its state
     inspect_sample = train.inspect_sample
     opened = []
     monkeypatch.setattr(train, "inspect_sample", lambda *sample: opened.append(sample) or inspect_sample(*sample))
@@ -295,6 +296,9 @@ def run_two_processes(tiny_sdxl, fill_data, output_dir, weights_dir, *flags):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DistributedType.MULTI_CPU" in result.stderr and "Num processes: 2" in result.stderr
+    if "--streaming" not in flags:  # one process checks the samples; the other reads its record
+        checked, read = result.stderr.count("Checked all 32 samples"), result.stderr.count("Read the sample check")
+        assert checked <= 1 and checked + read == 2, (checked, read)
     ranks = [load_adapter_weights_file(weights_dir / f"rank{rank}.safetensors") for rank in (0, 1)]
     assert max_weight_difference(*ranks) == 0, "the two ranks hold different adapters"
     return ranks[0]
