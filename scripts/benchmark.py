@@ -260,6 +260,11 @@ SDXL_VAE = dict(
 )
 
 
+def row_batch(row, options):
+    """The batch size of a row: SDXL-size rows carry it in their name, 'b<batch>[-gc|-upstream]'."""
+    return int(row.split("-")[0][1:]) if options.size == "sdxl" else options.batch_sizes[0]
+
+
 def run_sdxl_row(row, options):
     """Row name 'b<batch>[-gc|-upstream]': one SDXL-size training step timed; returns measurements."""
     import torch
@@ -269,17 +274,18 @@ def run_sdxl_row(row, options):
 
     import train_t2i_adapter_sdxl as train
 
-    batch, checkpointing, upstream = int(row.split("-")[0][1:]), row.endswith("-gc"), row.endswith("-upstream")
+    batch, checkpointing, upstream = row_batch(row, options), row.endswith("-gc"), row.endswith("-upstream")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = train.weight_dtype_for(options.mixed_precision)
-    unet = UNet2DConditionModel(**SDXL_UNET).to(device, dtype).requires_grad_(upstream)  # upstream never freezes it
-    vae = AutoencoderKL(**SDXL_VAE).to(device).requires_grad_(False)
-    text_encoders = [
-        CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                     num_attention_heads=12, hidden_act="quick_gelu")),
-        CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                   num_attention_heads=20, projection_dim=1280, hidden_act="gelu")),
-    ]
+    with torch.device(device):  # random weights drawn where they live: far faster than on the CPU
+        unet = UNet2DConditionModel(**SDXL_UNET).to(dtype).requires_grad_(upstream)  # upstream never freezes it
+        vae = AutoencoderKL(**SDXL_VAE).requires_grad_(False)
+        text_encoders = [
+            CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                         num_attention_heads=12, hidden_act="quick_gelu")),
+            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                       num_attention_heads=20, projection_dim=1280, hidden_act="gelu")),
+        ]
     text_encoders = [encoder.to(device, dtype).requires_grad_(False) for encoder in text_encoders]
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -318,6 +324,8 @@ def run_sdxl_row(row, options):
         if device == "cuda":
             torch.cuda.synchronize()
 
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # training's peak, not the float32 weights drawn above
     start = time.perf_counter()
     step()
     synchronize()
@@ -394,8 +402,10 @@ def table(reports, baseline_of):
     has_again = any("seconds_to_step_1_again" in r for r in reports)  # tiny rows run more than once
     has_mfu = any("mfu" in r for r in reports)  # SDXL-size rows
     columns = [
-        ("row", lambda r: r["row"]), ("batch", lambda r: str(r["batch"])), ("s/step", value("seconds_per_step", 4)),
-        ("img/s", lambda r: f"{r['batch'] / r['seconds_per_step']:.1f}"), ("peak MB", value("peak_mb", 0)),
+        ("row", lambda r: r["row"] + (" (out of memory)" if r.get("out_of_memory") else "")),
+        ("batch", lambda r: str(r["batch"])), ("s/step", value("seconds_per_step", 4)),
+        ("img/s", lambda r: f"{r['batch'] / r['seconds_per_step']:.1f}" if "seconds_per_step" in r else "—"),
+        ("peak MB", value("peak_mb", 0)),
         ("s to step 1", value("seconds_to_step_1", 2)),
         *([("s to step 1 again", value("seconds_to_step_1_again", 2))] if has_again else []),
         ("text cache MB", value("text_cache_mb", 2)), ("latent cache MB", value("latent_cache_mb", 2)),
@@ -403,7 +413,7 @@ def table(reports, baseline_of):
         *([("again ratio", ratio("seconds_to_step_1_again"))] if has_again else []),
         ("memory ratio", ratio("peak_mb")),
         *([("UNet TFLOP/step", value("unet_tflops_per_step", 1)),
-           ("MFU", lambda r: f"{100 * r['mfu']:.1f}%")] if has_mfu else []),
+           ("MFU", lambda r: f"{100 * r['mfu']:.1f}%" if "mfu" in r else "—")] if has_mfu else []),
     ]
     lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in reports]
@@ -419,7 +429,10 @@ def main(options):
         import torch
 
         torch.set_num_threads(options.threads)
-        report = (run_tiny_row if tiny else run_sdxl_row)(options.run_row, options)
+        try:
+            report = (run_tiny_row if tiny else run_sdxl_row)(options.run_row, options)
+        except torch.cuda.OutOfMemoryError:  # a row that does not fit is a result, not a failure
+            report = {"row": options.run_row, "batch": row_batch(options.run_row, options), "out_of_memory": True}
         with open(options.row_json, "w") as f:
             json.dump(report, f)
         return
@@ -433,17 +446,30 @@ def main(options):
     runs = {row: [] for row in rows}
     for repeat in range(options.repeats):
         for row in rows if repeat % 2 == 0 else reversed(rows):
+            if any(r.get("out_of_memory") for r in runs[row]):
+                continue
             if tiny and repeat == 0:  # each row's first run is a first run on these files
                 forget_sample_checks(options.work_dir)
-            runs[row].append(run_child(row, options))
-            print(f"  {row} (run {repeat + 1}): {runs[row][-1]['seconds_per_step']:.4f} s/step", file=sys.stderr)
+            report = run_child(row, options)
+            runs[row].append(report)
+            # Each run's figures as they come: a run cut short still leaves them in the log.
+            print(f"  {row} (run {repeat + 1}): " + ("out of memory" if report.get("out_of_memory") else
+                  f"{report['seconds_per_step']:.4f} s/step, {report['peak_mb']:.0f} MB peak, "
+                  f"{report['seconds_to_step_1']:.2f} s to step 1" + (f", MFU {100 * report['mfu']:.1f}%" if "mfu" in report else "")),
+                  file=sys.stderr, flush=True)
     reports = []
     for row in rows:
+        if runs[row][0].get("out_of_memory"):
+            reports.append(runs[row][0])
+            continue
         # Best of the repeats: on a shared machine noise only ever adds time.
         best = min(runs[row], key=lambda r: r["seconds_per_step"])
-        best["seconds_to_step_1"] = runs[row][0]["seconds_to_step_1"]
-        if len(runs[row]) > 1:  # a re-run on the same files, as after a restart
-            best["seconds_to_step_1_again"] = min(r["seconds_to_step_1"] for r in runs[row][1:])
+        if tiny:
+            best["seconds_to_step_1"] = runs[row][0]["seconds_to_step_1"]
+            if len(runs[row]) > 1:  # a re-run on the same files, as after a restart
+                best["seconds_to_step_1_again"] = min(r["seconds_to_step_1"] for r in runs[row][1:])
+        else:
+            best["seconds_to_step_1"] = min(r["seconds_to_step_1"] for r in runs[row])
         reports.append(best)
     print(f"size={options.size} resolution={options.resolution} mixed_precision={options.mixed_precision}"
           f" steps={options.steps} (best of {options.repeats}) threads={options.threads}" + (f" samples={options.num_samples} data={options.data_format}" if tiny else ""))
