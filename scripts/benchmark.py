@@ -3,9 +3,10 @@
 
 Each row is a short training run in its own process (so peak memory is that row's own); rows are
 repeated in alternating order and the best run is kept, because on a shared machine noise only adds time.
-Time to step 1 is counted from the call of the script's main(). Tiny rows give it twice: for the row's
-first run on the files ("s to step 1": every sample checked) and for the best of its re-runs ("s to step
-1 again", as after a restart: the sample check read back from the first run's record).
+Time to step 1 is counted from the call of the script's main(). Tiny rows give it twice, each the best
+of its runs: for first runs on the files ("s to step 1", the even repeats: every sample checked) and for
+re-runs ("s to step 1 again", the odd repeats, as after a restart: the sample check read back from the
+record of the run before).
 
   --size tiny   (CPU or GPU) runs the real training script, `train_t2i_adapter_sdxl.main`, on the
                 tiny SDXL and a fill dataset, with the configurations below.
@@ -448,7 +449,7 @@ def main(options):
         for row in rows if repeat % 2 == 0 else reversed(rows):
             if any(r.get("out_of_memory") for r in runs[row]):
                 continue
-            if tiny and repeat == 0:  # each row's first run is a first run on these files
+            if tiny and repeat % 2 == 0:  # even repeats are first runs on these files, odd ones re-runs
                 forget_sample_checks(options.work_dir)
             report = run_child(row, options)
             runs[row].append(report)
@@ -459,17 +460,19 @@ def main(options):
                   file=sys.stderr, flush=True)
     reports = []
     for row in rows:
-        if runs[row][0].get("out_of_memory"):
-            reports.append(runs[row][0])
+        out_of_memory = [r for r in runs[row] if r.get("out_of_memory")]
+        if out_of_memory:
+            reports.append(out_of_memory[0])
             continue
         # Best of the repeats: on a shared machine noise only ever adds time.
-        best = min(runs[row], key=lambda r: r["seconds_per_step"])
+        best = dict(min(runs[row], key=lambda r: r["seconds_per_step"]))
+        to_step_1 = [r["seconds_to_step_1"] for r in runs[row]]
         if tiny:
-            best["seconds_to_step_1"] = runs[row][0]["seconds_to_step_1"]
-            if len(runs[row]) > 1:  # a re-run on the same files, as after a restart
-                best["seconds_to_step_1_again"] = min(r["seconds_to_step_1"] for r in runs[row][1:])
+            best["seconds_to_step_1"] = min(to_step_1[0::2])
+            if len(to_step_1) > 1:  # re-runs on the same files, as after a restart
+                best["seconds_to_step_1_again"] = min(to_step_1[1::2])
         else:
-            best["seconds_to_step_1"] = min(r["seconds_to_step_1"] for r in runs[row])
+            best["seconds_to_step_1"] = min(to_step_1)
         reports.append(best)
     print(f"size={options.size} resolution={options.resolution} mixed_precision={options.mixed_precision}"
           f" steps={options.steps} (best of {options.repeats}) threads={options.threads}" + (f" samples={options.num_samples} data={options.data_format}" if tiny else ""))

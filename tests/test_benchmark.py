@@ -1,0 +1,62 @@
+"""The benchmark's bookkeeping: which runs each figure of the table comes from. The runs themselves
+are stood in for here; timings belong in the benchmark's own output, never in tests."""
+
+import json
+
+import benchmark
+
+
+def scripted_runs(monkeypatch, reports_by_row):
+    """Make each child run return the next scripted report of its row; returns the log of runs, with
+    "forget" entries where the sample-check records were deleted."""
+    log = []
+    pending = {row: list(reports) for row, reports in reports_by_row.items()}
+
+    def run_child(row, options):
+        log.append(row)
+        return {"row": row, **pending[row].pop(0)}
+
+    monkeypatch.setattr(benchmark, "run_child", run_child)
+    monkeypatch.setattr(benchmark, "prepare_tiny", lambda options: None)
+    monkeypatch.setattr(benchmark, "forget_sample_checks", lambda work_dir: log.append("forget"))
+    return log
+
+
+def tiny_report(seconds_per_step, seconds_to_step_1):
+    return {"batch": 8, "seconds_per_step": seconds_per_step, "seconds_to_step_1": seconds_to_step_1,
+            "peak_mb": 1000.0, "text_cache_mb": 0.0, "latent_cache_mb": 0.0}
+
+
+def test_tiny_rows_keep_the_best_step_time_and_first_runs_apart_from_re_runs(monkeypatch, tmp_path, capsys):
+    """Even repeats start with the sample checks forgotten (first runs), odd ones keep them
+    (re-runs); each step-1 figure is the best of its own kind of run, and s/step the best of all."""
+    log = scripted_runs(monkeypatch, {
+        "upstream": [tiny_report(1.0, 8.5), tiny_report(0.9, 8.7), tiny_report(1.1, 8.4), tiny_report(0.8, 8.2)],
+        "ours": [tiny_report(0.5, 4.8), tiny_report(0.6, 4.3), tiny_report(0.4, 4.7), tiny_report(0.7, 4.5)],
+    })
+    output = tmp_path / "rows.json"
+    benchmark.main(benchmark.parse_args(["--rows", "upstream", "ours", "--repeats", "4", "--work_dir", str(tmp_path),
+                                         "--output_json", str(output)]))
+    assert log == ["forget", "upstream", "forget", "ours", "ours", "upstream",
+                   "forget", "upstream", "forget", "ours", "ours", "upstream"]
+    upstream, ours = json.loads(output.read_text())
+    assert (upstream["seconds_per_step"], upstream["seconds_to_step_1"], upstream["seconds_to_step_1_again"]) == (0.8, 8.4, 8.2)
+    assert (ours["seconds_per_step"], ours["seconds_to_step_1"], ours["seconds_to_step_1_again"]) == (0.4, 4.7, 4.3)
+    table = capsys.readouterr().out
+    assert "| ours | 8 | 0.4000 | 20.0 | 1000 | 4.70 | 4.30 | 0.00 | 0.00 | 0.50 | 0.56 | 0.52 | 1.00 |" in table
+
+
+def test_an_sdxl_row_out_of_memory_is_reported_and_not_run_again(monkeypatch, tmp_path, capsys):
+    sdxl_report = {"batch": 16, "seconds_per_step": 2.0, "seconds_to_step_1": 9.0, "peak_mb": 70000.0,
+                   "text_cache_mb": 0.0, "latent_cache_mb": 0.0, "unet_tflops_per_step": 800.0, "mfu": 0.5}
+    log = scripted_runs(monkeypatch, {
+        "b16-upstream": [{"batch": 16, "out_of_memory": True}],
+        "b16": [sdxl_report, sdxl_report],
+        "b16-gc": [sdxl_report, sdxl_report],
+    })
+    benchmark.main(benchmark.parse_args(["--size", "sdxl", "--batch_sizes", "16", "--repeats", "2",
+                                         "--work_dir", str(tmp_path)]))
+    assert log == ["b16-upstream", "b16", "b16-gc", "b16-gc", "b16"]
+    table = capsys.readouterr().out
+    assert "| b16-upstream (out of memory) | 16 | — |" in table
+    assert "| b16 | 16 | 2.0000 | 8.0 | 70000 | 9.00 |" in table and "| 50.0% |" in table
