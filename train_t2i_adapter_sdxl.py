@@ -42,6 +42,7 @@ logger = get_logger(__name__)
 
 SDXL_DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 EXIF_ORIENTATION = 0x0112  # the EXIF tag datasets applies when it decodes an image
+SAMPLE_CHECK_RULES = 1  # part of each sample-check record's key: raise it when inspect_sample's rules change
 ADAPTER_SUBFOLDER = "t2iadapter"  # where a checkpoint keeps the adapter in diffusers format
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LR_SCHEDULERS = (
@@ -730,11 +731,12 @@ def scan_samples(dataset, args):
 
 def sample_check_record_path(dataset, args):
     """Where the sample check of this dataset is recorded: beside `datasets`' own cache of it, under
-    its fingerprint (which changes when a file is changed, added or removed) and the columns checked.
-    None for a dataset held only in memory."""
+    its fingerprint (which changes when a file is changed, added or removed), the columns checked and
+    the rules they were checked by. None for a dataset held only in memory."""
     if not dataset.cache_files:
         return None
-    key = hashlib.sha256(json.dumps([dataset._fingerprint, used_columns(args)]).encode()).hexdigest()[:16]
+    identity = [dataset._fingerprint, used_columns(args), SAMPLE_CHECK_RULES]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     return os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"t2i_sample_check-{key}.json")
 
 

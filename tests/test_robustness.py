@@ -229,7 +229,7 @@ def test_bad_sample_fails_before_training_or_is_skipped(tiny_sdxl, fill_data, tm
 
 def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sdxl, fill_data, tmp_path, monkeypatch):
     """A second run on the same files reads the first run's sample check (no image opened) and gets
-    the same rows and sizes; once an image is changed, the files are checked again."""
+    the same rows and sizes; a trainer with other check rules, or a changed image, checks again."""
     folder = tmp_path / "data"
     copy_imagefolder(fill_data, folder)
     args = train.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", str(folder),
@@ -247,11 +247,15 @@ def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sd
     assert list(second["text"]) == list(first["text"])
     assert list(second[train.SIZE_COLUMN]) == list(first[train.SIZE_COLUMN]) == [[64, 64]] * 32
 
+    monkeypatch.setattr(train, "SAMPLE_CHECK_RULES", train.SAMPLE_CHECK_RULES + 1)
+    train.load_train_dataset(args)
+    assert len(opened) == 64
+
     image = folder / "train" / "images" / "00003.png"
     image.write_bytes(image.read_bytes()[:60])
     with pytest.raises(ValueError, match=r"1 bad training sample\(s\).*unreadable image"):
         train.load_train_dataset(args)
-    assert len(opened) == 64
+    assert len(opened) == 96
 
 
 def test_text_in_an_image_column_is_refused(tiny_sdxl, fill_data, tmp_path):
