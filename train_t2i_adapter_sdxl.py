@@ -652,26 +652,22 @@ def open_stored_image(value):
     return Image.open(value["path"])
 
 
-def upright_size(image):
+def verified_upright_size(image):
     """(width, height) of a just-opened image as it is shown, and as `datasets` decodes it: after its
-    EXIF orientation (a quarter turn swaps the sides). Read from the header alone: a PNG's EXIF is
-    taken from the chunks before its pixel data, where the PNG spec puts it, because Pillow's
-    `getexif()` would decode the whole PNG to look for one after."""
+    EXIF orientation (a quarter turn swaps the sides); then a check of its data.
+
+    The size is read from the header alone, before `verify()` leaves the image unusable. A PNG's EXIF
+    is taken from the chunks before its pixel data, where the PNG spec puts it, because Pillow's
+    `getexif()` would decode the whole PNG to look for one after.
+    """
     width, height = image.size
     if image.format == "PNG":
         exif = Image.Exif()
         exif.load(image.info.get("exif"))
     else:
         exif = image.getexif()
-    return (height, width) if exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (width, height)
-
-
-def verified_upright_size(image):
-    """`upright_size` of a just-opened image, then a check of its data. The size comes first because
-    `verify()` leaves the image unusable."""
-    size = upright_size(image)
     image.verify()
-    return size
+    return (height, width) if exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (width, height)
 
 
 def load_upright_rgb(value):

@@ -53,13 +53,13 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 from make_shards import add_dataset_arguments, stored_image_bytes  # noqa: E402
-from train_t2i_adapter_sdxl import canny_condition, random_canny_thresholds  # noqa: E402
+from train_t2i_adapter_sdxl import canny_condition, load_upright_rgb, random_canny_thresholds  # noqa: E402
 
 CONDITIONS = ("canny", "depth", "lineart", "sketch", "openpose")
 # Image files an imagefolder reads as they are, by PIL format, with the extension they get.
@@ -185,13 +185,6 @@ def detector_condition(detector, condition, image, detect_resolution):
     return output
 
 
-def decode_image(data):
-    """Decode image bytes the way ``datasets`` does (EXIF orientation applied), as RGB."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return ImageOps.exif_transpose(image).convert("RGB")
-
-
 def stored_file(data):
     """(bytes, extension) of the image file to write: the source bytes when an imagefolder reads
     their format and no EXIF orientation turns them, else a lossless PNG of the decoded image."""
@@ -201,7 +194,7 @@ def stored_file(data):
     if extension is not None and orientation == 1:
         return data, extension
     buffer = io.BytesIO()
-    decode_image(data).save(buffer, format="PNG")
+    load_upright_rgb({"bytes": data}).save(buffer, format="PNG")
     return buffer.getvalue(), "png"
 
 
@@ -355,7 +348,7 @@ def make_conditions(
     with open(os.path.join(train_dir, "metadata.jsonl"), "w") as metadata:
         for index, (name, data, caption) in enumerate(samples):
             try:
-                image = decode_image(data)
+                image = load_upright_rgb({"bytes": data})
             except Exception as error:
                 raise ValueError(f"Cannot read the image of {name}: {error}") from error
             if condition == "canny":
