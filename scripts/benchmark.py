@@ -79,6 +79,11 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def row_batch(row, options):
+    """The batch size of a row: SDXL-size rows carry it in their name, 'b<batch>[-gc|-upstream]'."""
+    return int(row.split("-")[0][1:]) if options.size == "sdxl" else options.batch_sizes[0]
+
+
 def forget_sample_checks(work_dir):
     """Remove the trainer's records of earlier sample checks, so the next run checks every image."""
     for folder, _, files in os.walk(os.path.join(work_dir, "datasets-cache")):
@@ -199,7 +204,7 @@ def run_tiny_row(row, options):
     report = {"row": row, "text_cache_mb": 0.0, "latent_cache_mb": 0.0}
     work = options.work_dir
     latent_dir = os.path.join(work, "latents")
-    batch = options.batch_sizes[0]
+    batch = row_batch(row, options)
     argv = [
         "--pretrained_model_name_or_path", os.path.join(work, "tiny-sdxl"),
         *(["--train_data_dir", os.path.join(work, "fill", "imagefolder")] if options.data_format == "imagefolder"
@@ -259,11 +264,6 @@ SDXL_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
     sample_size=1024, scaling_factor=0.13025,
 )
-
-
-def row_batch(row, options):
-    """The batch size of a row: SDXL-size rows carry it in their name, 'b<batch>[-gc|-upstream]'."""
-    return int(row.split("-")[0][1:]) if options.size == "sdxl" else options.batch_sizes[0]
 
 
 def run_sdxl_row(row, options):
@@ -421,6 +421,15 @@ def table(reports, baseline_of):
     return "\n".join(lines)
 
 
+def run_summary(report):
+    """One run's figures on one line."""
+    if report.get("out_of_memory"):
+        return "out of memory"
+    summary = (f"{report['seconds_per_step']:.4f} s/step, {report['peak_mb']:.0f} MB peak,"
+               f" {report['seconds_to_step_1']:.2f} s to step 1")
+    return summary + (f", MFU {100 * report['mfu']:.1f}%" if "mfu" in report else "")
+
+
 def main(options):
     tiny = options.size == "tiny"
     options.resolution = options.resolution or (64 if tiny else 1024)
@@ -454,10 +463,7 @@ def main(options):
             report = run_child(row, options)
             runs[row].append(report)
             # Each run's figures as they come: a run cut short still leaves them in the log.
-            print(f"  {row} (run {repeat + 1}): " + ("out of memory" if report.get("out_of_memory") else
-                  f"{report['seconds_per_step']:.4f} s/step, {report['peak_mb']:.0f} MB peak, "
-                  f"{report['seconds_to_step_1']:.2f} s to step 1" + (f", MFU {100 * report['mfu']:.1f}%" if "mfu" in report else "")),
-                  file=sys.stderr, flush=True)
+            print(f"  {row} (run {repeat + 1}): {run_summary(report)}", file=sys.stderr, flush=True)
     reports = []
     for row in rows:
         out_of_memory = [r for r in runs[row] if r.get("out_of_memory")]
