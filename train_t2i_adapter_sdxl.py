@@ -5,9 +5,10 @@ A faithful port of diffusers' `examples/t2i_adapter/train_t2i_adapter_sdxl.py`: 
 defaults and maths, with the upstream defects fixed (see README.md, "Differences from upstream").
 Run it with `accelerate launch train_t2i_adapter_sdxl.py --help`.
 
-The file reads top to bottom in the order of a run: arguments, input checks, data, text
-embeddings, models, loss, checkpoints, validation, Hub, and finally `main`, which ties them
-together. Every step is a module-level function so that tests can import it.
+The file reads top to bottom in the order of a run: arguments, input checks, data (loading and
+checks, the transform, the latent cache, the loader), text embeddings, models, loss, checkpoints,
+validation, Hub, and finally training, whose `main` ties them together. No name is used above its
+definition. Every step is a module-level function so that tests can import it.
 """
 
 import argparse
@@ -25,6 +26,7 @@ import re
 import shutil
 import signal
 import threading
+import typing
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image, ImageOps
 from torchvision import transforms
@@ -45,6 +47,15 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag datasets applies when it decodes an im
 SAMPLE_CHECK_RULES = 1  # part of each sample-check record's key: raise it when inspect_sample's rules change
 ADAPTER_SUBFOLDER = "t2iadapter"  # where a checkpoint keeps the adapter in diffusers format
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+DATA_STATE_FILE = "data_state_{}.json"  # each process's loader position and the run's seed, in a checkpoint
+CONDITION_STRETCH_TOLERANCE = 0.01  # a condition stored at another size may be this much out of proportion
+CANNY_LOW_RANGE = (50, 150)  # random canny thresholds: low in this range,
+CANNY_GAP_RANGE = (50, 150)  # high = low + a gap in this range
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+SPLIT_FOLDERS = ("train", "test", "validation")  # a local folder's split folders that `datasets` names alike
+# A split's name as `datasets` finds it in a file's path; a folder with one elsewhere is left to `datasets`.
+SPLIT_WORD = re.compile(r"(^|[-._ /])(train|training|test|testing|eval|evaluation|valid|validation|dev)([-._ /0-9]|$)")
+LATENT_CACHE_VERSION = "1"  # part of each cached latent's key: bump when the centre crop's pixels change
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -75,258 +86,259 @@ def build_parser():
         description="Train a T2I-Adapter on a frozen Stable Diffusion XL.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    # Models
-    parser.add_argument(
+    group = parser.add_argument_group("Models")
+    group.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
         help=f"Hub id or local folder of the SDXL base model in diffusers format (e.g. {SDXL_DEFAULT_MODEL}).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--pretrained_vae_model_name_or_path",
         type=str,
         default=None,
         help="Hub id or folder of a different VAE (e.g. madebyollin/sdxl-vae-fp16-fix); it is then run in the"
         " mixed-precision dtype.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--adapter_model_name_or_path",
         type=str,
         default=None,
-        help="Hub id or folder of an adapter to start from. Without it a new adapter is derived from the UNet's"
-        " and VAE's configs (for SDXL: channels (320, 640, 1280, 1280), downscale 16, full_adapter_xl).",
+        help="Hub id or folder of an adapter to start from (one stored in float16 is loaded and trained in float32)."
+        " Without it a new adapter is derived from the UNet's and VAE's configs (for SDXL: channels"
+        " (320, 640, 1280, 1280), downscale 16, full_adapter_xl).",
     )
-    parser.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the model.")
-    parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
-    parser.add_argument(
+    group.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the model.")
+    group.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
+    group.add_argument(
         "--tokenizer_name",
         type=str,
         default=None,
         help="Hub id or folder of the tokenizers, if not the base model's. A folder with 'tokenizer' and"
         " 'tokenizer_2' subfolders gives both; otherwise the one tokenizer found there serves both encoders.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored."
     )
-    # Output and logging
-    parser.add_argument(
+    group = parser.add_argument_group("Output and logging")
+    group.add_argument(
         "--output_dir",
         type=str,
         default="t2iadapter-model",
         help="Where the adapter, checkpoints, logs and model card are written.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir."
     )
-    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
-    parser.add_argument(
+    group.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    group.add_argument(
         "--report_to",
         type=str,
         default="tensorboard",
         help="Tracker(s) for losses and validation images: 'tensorboard', 'wandb', 'all' or 'none'.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--tracker_project_name",
         type=str,
         default="sd_xl_train_t2iadapter",
         help="Project name given to the trackers.",
     )
-    # Resolution and SDXL micro-conditioning
-    parser.add_argument(
+    group = parser.add_argument_group("Resolution and SDXL micro-conditioning")
+    group.add_argument(
         "--resolution",
         type=int,
         default=1024,
         help="Training images are resized (shorter side) and centre-cropped to this square size.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--detection_resolution",
         type=int,
         default=None,
         help="Resolution at which conditioning images are prepared before being brought to --resolution"
         " (a detector's working size). Default: --resolution.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--micro_conditioning",
         action="store_true",
         help="Give the UNet each image's real size and the real crop's top-left corner (SDXL's micro-conditioning)"
         " instead of upstream's fixed (resolution, resolution) and --crops_coords_top_left_h/w.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--crops_coords_top_left_h", type=int, default=0, help="Crop top coordinate given to the SDXL UNet."
     )
-    parser.add_argument(
+    group.add_argument(
         "--crops_coords_top_left_w", type=int, default=0, help="Crop left coordinate given to the SDXL UNet."
     )
-    parser.add_argument(
+    group.add_argument(
         "--random_crop",
         action="store_true",
         help="Crop each image (and its condition, identically) at a random place instead of the centre.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--random_flip",
         action="store_true",
         help="Flip each image and its condition together horizontally with probability 0.5.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--aspect_ratio_buckets",
         action="store_true",
         help="Train each image near its own aspect ratio: SDXL's buckets of about resolution² pixels, each batch"
         " from one bucket. Implies --micro_conditioning.",
     )
-    # Training horizon
-    parser.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
-    parser.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
-    parser.add_argument(
+    group = parser.add_argument_group("Training horizon")
+    group.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    group.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
+    group.add_argument(
         "--max_train_steps",
         type=int,
         default=None,
         help="Total optimisation steps; overrides --num_train_epochs.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches accumulated per optimisation step."
     )
-    parser.add_argument(
+    group.add_argument(
         "--gradient_checkpointing",
         action="store_true",
         help="Recompute UNet activations in the backward pass: less memory, slower steps.",
     )
-    # Checkpoints
-    parser.add_argument(
+    group = parser.add_argument_group("Checkpoints")
+    group.add_argument(
         "--checkpointing_steps",
         type=int,
         default=500,
         help="Save a resumable checkpoint (output_dir/checkpoint-N) every N optimisation steps.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--checkpoints_total_limit", type=int, default=3, help="Keep at most this many checkpoints."
     )
-    parser.add_argument(
+    group.add_argument(
         "--resume_from_checkpoint",
         type=str,
         default=None,
         help="Resume from a checkpoint folder name (or path), or 'latest' for the newest in --output_dir.",
     )
-    # Optimiser
-    parser.add_argument("--learning_rate", type=float, default=5e-6, help="Learning rate after warm-up.")
-    parser.add_argument(
+    group = parser.add_argument_group("Optimiser")
+    group.add_argument("--learning_rate", type=float, default=5e-6, help="Learning rate after warm-up.")
+    group.add_argument(
         "--scale_lr",
         action="store_true",
         default=False,
         help="Multiply the learning rate by accumulation steps × batch size × number of processes.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--lr_scheduler", type=str, default="constant", help=f"Learning-rate schedule: one of {', '.join(LR_SCHEDULERS)}."
     )
-    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up optimisation steps.")
-    parser.add_argument(
+    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up optimisation steps.")
+    group.add_argument(
         "--lr_num_cycles", type=int, default=1, help="Hard restarts of the cosine_with_restarts schedule."
     )
-    parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    parser.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient norm clipping.")
-    parser.add_argument(
+    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    group.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    group.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    group.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient norm clipping.")
+    group.add_argument(
         "--set_grads_to_none", action="store_true", help="Set gradients to None instead of zero after each step."
     )
-    # Speed (additions to upstream)
-    parser.add_argument(
+    group = parser.add_argument_group("Speed (additions to upstream)")
+    group.add_argument(
         "--cache_latents",
         action="store_true",
         help="Encode each training image with the VAE once, keep its latent distribution (float16) on disk, and"
         " sample from it at every step instead of running the VAE. Reused across runs.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--latent_cache_dir",
         type=str,
         default=None,
         help="Where --cache_latents stores latents; default: <--cache_dir or ~/.cache/t2i-adapter-sdxl>/latents.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--torch_compile",
         action="store_true",
         help="torch.compile the UNet and the adapter (the first steps are slower while kernels compile).",
     )
-    # Robustness (additions to upstream)
-    parser.add_argument(
+    group = parser.add_argument_group("Robustness (additions to upstream)")
+    group.add_argument(
         "--skip_nonfinite_steps",
         type=int,
         default=0,
         help="Skip up to N optimisation steps whose loss is NaN/inf (their update is dropped) before stopping."
         " 0: stop at the first one.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--skip_bad_samples",
         action="store_true",
-        help="Drop samples with an unreadable image, a missing caption or mismatched image sizes (counted in"
-        " a warning) instead of stopping before training.",
+        help="Drop samples with an unreadable image, a missing caption or a condition that cannot be aligned with"
+        " its image (counted in a warning) instead of stopping before training.",
     )
-    # Precision and kernels
-    parser.add_argument(
+    group = parser.add_argument_group("Precision and kernels")
+    group.add_argument(
         "--mixed_precision",
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
         help="Mixed precision; default: accelerate's config or launch flag.",
     )
-    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    parser.add_argument(
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    group.add_argument(
         "--enable_xformers_memory_efficient_attention",
         action="store_true",
         help="Use xformers' attention in the UNet (PyTorch's SDPA is used otherwise).",
     )
-    # Data
-    parser.add_argument(
+    group = parser.add_argument_group("Data")
+    group.add_argument(
         "--dataset_name",
         type=str,
         default=None,
         help="Hub id of a dataset, or a local folder that `datasets.load_dataset` understands (e.g. parquet).",
     )
-    parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if any.")
-    parser.add_argument(
+    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if any.")
+    group.add_argument(
         "--train_data_dir",
         type=str,
         default=None,
         help="A local imagefolder with metadata.jsonl (the conditioning key must be"
         " 'conditioning_image_file_name').",
     )
-    parser.add_argument("--image_column", type=str, default="image", help="Column of the target images.")
-    parser.add_argument(
+    group.add_argument("--image_column", type=str, default="image", help="Column of the target images.")
+    group.add_argument(
         "--conditioning_image_column",
         type=str,
         default="conditioning_image",
         help="Column of the conditioning images.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--caption_column", type=str, default="text", help="Column of the captions (a string or a list of strings)."
     )
-    parser.add_argument(
+    group.add_argument(
         "--max_train_samples", type=int, default=None, help="Train on the first N samples after shuffling."
     )
-    parser.add_argument(
+    group.add_argument(
         "--proportion_empty_prompts",
         type=float,
         default=0,
         help="Probability that a caption is replaced by the empty prompt, drawn anew at every step.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--dataloader_num_workers", type=int, default=1, help="DataLoader worker processes (0: main process)."
     )
-    parser.add_argument(
+    group.add_argument(
         "--streaming",
         action="store_true",
         help="Stream --dataset_name or --train_data_dir (e.g. a folder of WebDataset .tar shards) instead of"
         " loading it whole; needs --max_train_steps.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--shuffle_buffer_size",
         type=int,
         default=1000,
         help="With --streaming: samples are shuffled (and grouped into buckets) in windows of this many.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--conditioning_type",
         type=str,
         default="image",
@@ -334,41 +346,50 @@ def build_parser():
         help="'image': read conditions from --conditioning_image_column. 'canny': make a canny edge map of each"
         " training image on the fly, with random thresholds (no stored conditions needed).",
     )
-    # Validation
-    parser.add_argument(
+    group = parser.add_argument_group("Validation")
+    group.add_argument(
         "--validation_prompt",
         type=str,
         default=None,
         nargs="+",
         help="Prompts for validation: as many as --validation_image, or one for all images.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--validation_image",
         type=str,
         default=None,
         nargs="+",
         help="Conditioning images for validation: as many as --validation_prompt, or one for all prompts.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--num_validation_images", type=int, default=4, help="Images generated per (prompt, image) pair."
     )
-    parser.add_argument(
+    group.add_argument(
         "--validation_steps", type=int, default=100, help="Run validation every N optimisation steps."
     )
-    # Hub
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the adapter and model card to the Hub.")
-    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (never logged or saved).")
-    parser.add_argument(
+    group = parser.add_argument_group("Hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the adapter and model card to the Hub.")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (never logged or saved).")
+    group.add_argument(
         "--hub_model_id", type=str, default=None, help="Hub repository; default: the name of --output_dir."
     )
     return parser
 
 
-def parse_args(input_args=None):
-    """Parse the command line (or `input_args`) and run every check that needs no file."""
-    args = build_parser().parse_args(input_args)
-    check_args(args)
-    return args
+def pair_validation_inputs(prompts, images, prompt_flag="--validation_prompt", image_flag="--validation_image"):
+    """(prompt, image) pairs: equal counts pair up; a single prompt or image is shared."""
+    if not prompts or not images:
+        raise ValueError(f"Pass at least one `{prompt_flag}` and one `{image_flag}`.")
+    if len(prompts) == len(images):
+        return list(zip(prompts, images))
+    if len(images) == 1:
+        return [(prompt, images[0]) for prompt in prompts]
+    if len(prompts) == 1:
+        return [(prompts[0], image) for image in images]
+    raise ValueError(
+        f"Got {len(prompts)} `{prompt_flag}`s and {len(images)} `{image_flag}`s: provide as many of each,"
+        " or exactly one of either."
+    )
 
 
 def check_args(args):
@@ -423,8 +444,6 @@ def check_args(args):
             raise ValueError(
                 f"`--cache_latents` stores one centre crop per image and cannot be combined with {', '.join(varying)}."
             )
-    if args.aspect_ratio_buckets:
-        args.micro_conditioning = True  # a bucket's crop is only meaningful to the UNet with the real sizes
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {args.lr_scheduler!r}.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
@@ -432,6 +451,19 @@ def check_args(args):
             f"`--report_to {args.report_to}` with `--hub_token` would expose the token to the tracker."
             " Log in with `huggingface-cli login` instead and drop `--hub_token`."
         )
+
+
+def parse_args(input_args=None):
+    """Parse the command line (or `input_args`) and run every check that needs no file."""
+    args = build_parser().parse_args(input_args)
+    check_args(args)
+    return args
+
+
+def uses_micro_conditioning(args):
+    """Whether the UNet gets each sample's real size and crop. Buckets imply it: a bucket's crop is
+    only meaningful to the UNet with the real sizes."""
+    return args.micro_conditioning or args.aspect_ratio_buckets
 
 
 # ------------------------------------------------------------------------------------------
@@ -480,6 +512,107 @@ def safetensors_dtypes(folder):
     return dtypes
 
 
+def vae_scale_factor(vae_config):
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def adapter_feature_shapes(adapter_config, resolution):
+    """(channels, height) of each feature map the adapter makes from a resolution² image."""
+    channels = list(adapter_config["channels"])
+    side = resolution // adapter_config["downscale_factor"]
+    if adapter_config["adapter_type"] == "full_adapter_xl":
+        # Only the third block halves the resolution.
+        return [(c, side if i < 2 else side // 2) for i, c in enumerate(channels)]
+    if adapter_config["adapter_type"] == "light_adapter":
+        channels.append(channels[-1])  # its last block makes one more map, at the last channels
+    return [(c, side // 2**i) for i, c in enumerate(channels)]  # every block after the first halves it
+
+
+def unet_residual_shapes(unet_config, latent_side):
+    """(channels, height) of each place where the UNet adds an adapter feature map, in order.
+
+    A cross-attention down block adds it before its downsampler; a plain down block after it;
+    the mid block takes one more at the lowest resolution.
+    """
+    shapes = []
+    block_types = unet_config["down_block_types"]
+    side = latent_side
+    for i, (block_type, channels) in enumerate(zip(block_types, unet_config["block_out_channels"])):
+        has_downsampler = i < len(block_types) - 1
+        if "CrossAttn" in block_type or not has_downsampler:
+            shapes.append((channels, side))
+        else:
+            shapes.append((channels, side // 2))
+        if has_downsampler:
+            side //= 2
+    shapes.append((unet_config["block_out_channels"][-1], side))  # mid block
+    return shapes
+
+
+def adapter_total_downscale(adapter_config):
+    """How many condition pixels make one pixel of the adapter's smallest feature map (diffusers'
+    `total_downscale_factor`): image sides must be multiples of it."""
+    downscale, num_maps = adapter_config["downscale_factor"], len(adapter_config["channels"])
+    halvings = {"full_adapter_xl": 1, "full_adapter": num_maps - 1, "light_adapter": num_maps}
+    return downscale * 2 ** halvings[adapter_config["adapter_type"]]
+
+
+def check_adapter_fits(adapter_config, unet_config, vae_config, resolution):
+    """The adapter's feature maps must match, one by one, where the UNet adds them."""
+    downscale = adapter_total_downscale(adapter_config)
+    if resolution % downscale != 0:
+        raise ValueError(
+            f"`--resolution` {resolution} must be divisible by the adapter's total downscale factor {downscale}."
+        )
+    adapter_shapes = adapter_feature_shapes(adapter_config, resolution)
+    unet_shapes = unet_residual_shapes(unet_config, resolution // vae_scale_factor(vae_config))
+    # The mid-block map is optional: an adapter may stop after the down blocks.
+    if adapter_shapes not in (unet_shapes, unet_shapes[:-1]):
+        raise ValueError(
+            "The adapter does not fit the UNet: at --resolution "
+            f"{resolution} the adapter makes feature maps (channels, size) {adapter_shapes} but the UNet takes"
+            f" {unet_shapes} (adapter channels {list(adapter_config['channels'])}, downscale"
+            f" {adapter_config['downscale_factor']}, type {adapter_config['adapter_type']}; UNet block_out_channels"
+            f" {list(unet_config['block_out_channels'])})."
+        )
+
+
+def derive_adapter_config(unet_config, vae_config):
+    """A new adapter whose feature maps are, one by one, where this UNet adds them.
+
+    Where that is depends on the UNet's down blocks (see unet_residual_shapes), and the adapter types
+    differ in how their maps shrink: full_adapter_xl makes two maps of one size and then halves once
+    (SDXL's three blocks), full_adapter halves at every map (SD 1.5's four blocks). So each type is
+    tried, with the optional mid-block map first, at the UNet's channels, the pixels unshuffled so
+    that the first map is as large as the UNet's first residual; the first that check_adapter_fits
+    accepts is it. For SDXL that is upstream's hard-coded adapter: full_adapter_xl, channels
+    (320, 640, 1280, 1280), downscale 16.
+    """
+    latent_side = 2 ** (len(unet_config["down_block_types"]) + 1)  # halves exactly at every block
+    resolution = latent_side * vae_scale_factor(vae_config)
+    unet_shapes = unet_residual_shapes(unet_config, latent_side)
+    for shapes in (unet_shapes, unet_shapes[:-1]):  # with the mid-block map, else without
+        for adapter_type in ("full_adapter_xl", "full_adapter"):
+            config = {
+                "in_channels": 3,
+                "channels": [channels for channels, _ in shapes],
+                "num_res_blocks": 2,
+                "downscale_factor": resolution // unet_shapes[0][1],
+                "adapter_type": adapter_type,
+            }
+            try:
+                check_adapter_fits(config, unet_config, vae_config, resolution)
+            except ValueError:
+                continue
+            return config
+    raise ValueError(
+        "No T2I-Adapter (full_adapter_xl or full_adapter) fits this UNet: its down_block_types"
+        f" {list(unet_config['down_block_types'])} with block_out_channels {list(unet_config['block_out_channels'])}"
+        f" take feature maps (channels, size) {unet_shapes} from {latent_side}² latents. Pass an adapter built for"
+        " it (`--adapter_model_name_or_path`)."
+    )
+
+
 def check_inputs(args):
     """Every check that reads files or configs but loads no weights, run before any model or data loads.
 
@@ -514,20 +647,19 @@ def check_inputs(args):
         adapter_config = derive_adapter_config(unet_config, vae_config)
     else:
         adapter_config = dict(load_model_config(T2IAdapter, args.adapter_model_name_or_path, None, args))
-        if os.path.isdir(args.adapter_model_name_or_path):
-            dtypes = safetensors_dtypes(args.adapter_model_name_or_path) - {"F32"}
-            if dtypes:
-                raise ValueError(
-                    f"`--adapter_model_name_or_path` {args.adapter_model_name_or_path!r} holds {sorted(dtypes)} weights;"
-                    " the trained adapter must be float32 (mixed precision keeps a float32 master copy)."
-                )
     check_adapter_fits(adapter_config, unet_config, vae_config, args.resolution)
     return adapter_config
 
 
 # ------------------------------------------------------------------------------------------
-# Data
+# Data: loading, and checking every sample
 # ------------------------------------------------------------------------------------------
+# One path for every mode. The training split is loaded whole or streamed, and every sample is
+# checked before it is trained on. Batches are planned ahead from the run's seed, each sample with
+# a seed of its own for its crop, flip and canny thresholds, so that one transform serves plain
+# centre crops (pixel-equal to upstream's), buckets, random crops and flips and on-the-fly canny.
+# The loader's position is saved in every checkpoint (torchdata's StatefulDataLoader carries it
+# through the DataLoader workers): a resumed run continues exactly where it stopped.
 
 
 def dataset_location(args):
@@ -564,83 +696,49 @@ def check_columns(column_names, args):
             raise ValueError(f"`--{flag}` value {column!r} not found in dataset columns: {', '.join(column_names)}.")
 
 
-@contextlib.contextmanager
-def each_local_folder_listed_once():
-    """While `datasets` resolves a local dataset's files, list each folder once and reuse the listing.
+def local_imagefolder_files(location):
+    """{split: files} of a local imagefolder (images and a metadata.jsonl or .csv), listed once, where
+    the layout leaves no doubt about the splits: split folders (train/, test/, validation/) at the
+    top, or no split named anywhere (all of it is 'train'). None for anything else (a Hub id,
+    parquet, shards, a folder that names its splits otherwise): `datasets` then resolves it itself.
 
-    To find the splits it globs about 45 patterns, each walking the whole folder: 184,000 file stats
-    (2.5 s) for an imagefolder of 4,096 files, growing with the data. The folder does not change
-    meanwhile, and `datasets` runs the same code on the listing.
+    Given the files, `datasets` skips its own search, which globs some 45 split patterns, each over
+    the whole folder: an imagefolder of 4,096 images opens in 1.7 s instead of 4.8 s with split
+    folders, 1.3 s instead of 6.6 s without (scripts/benchmark_dataset_open.py), and the gap grows
+    with the data. Hidden files and folders ('.', '__') are left out, as `datasets` leaves them out.
     """
-    from fsspec.implementations.local import LocalFileSystem
+    if not os.path.isdir(location):
+        return None
+    files = []
+    for folder, subfolders, names in os.walk(location):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith((".", "__")))
+        relative = os.path.relpath(folder, location)
+        files += [os.path.normpath(os.path.join(relative, name)) for name in sorted(names)
+                  if not name.startswith((".", "__"))]
+    names = [os.path.basename(path) for path in files]
+    image_suffixes = Image.registered_extensions()
+    if not any(name in IMAGEFOLDER_METADATA for name in names) or not all(
+        name in IMAGEFOLDER_METADATA or os.path.splitext(name)[1].lower() in image_suffixes for name in names
+    ):
+        return None
+    split_of = {path: path.split(os.sep)[0] for path in files if os.sep in path}
+    if len(split_of) == len(files) and set(split_of.values()) <= set(SPLIT_FOLDERS):
+        if not any(SPLIT_WORD.search(path.split(os.sep, 1)[1].lower()) for path in files):
+            return {split: [os.path.join(location, path) for path in files if split_of[path] == split]
+                    for split in sorted(set(split_of.values()))}
+    if not any(SPLIT_WORD.search(path.lower()) for path in files):
+        return {"train": [os.path.join(location, path) for path in files]}
+    return None
 
-    list_folder = LocalFileSystem.ls
-    listings = {}
 
-    def list_folder_once(self, path, detail=False, **kwargs):
-        key = (self._strip_protocol(path), detail)
-        if key not in listings:
-            listings[key] = list_folder(self, path, detail=detail, **kwargs)
-        return list(listings[key])
-
-    LocalFileSystem.ls = list_folder_once
-    try:
-        yield
-    finally:
-        LocalFileSystem.ls = list_folder
-
-
-def load_train_dataset(args):
-    """Load the training split, check its columns and samples, shuffle with the seed and truncate.
-
-    With --aspect_ratio_buckets each row also gets its image's (height, width) in SIZE_COLUMN,
-    read from the headers during the sample check.
-    """
+def open_dataset(location, args, **options):
+    """`datasets.load_dataset` on the training data; a local imagefolder by its listed files."""
     from datasets import load_dataset
 
-    flag, location = dataset_location(args)
-    try:
-        with each_local_folder_listed_once():
-            dataset = load_dataset(location, args.dataset_config_name, cache_dir=args.cache_dir)
-    except Exception as error:
-        raise ValueError(f"`{flag}` {location!r} could not be loaded as a dataset (is it empty?): {error}") from error
-    if "train" not in dataset:
-        raise ValueError(f"The dataset has no 'train' split; it has: {', '.join(dataset)}.")
-    train = dataset["train"]
-    check_columns(train.column_names, args)
-    if len(train) == 0:
-        raise ValueError("The training dataset is empty.")
-    train = drop_or_refuse_bad_samples(train, args)
-    train = train.shuffle(seed=args.seed)
-    if args.max_train_samples is not None:
-        if args.max_train_samples > len(train):
-            raise ValueError(
-                f"`--max_train_samples` {args.max_train_samples} is larger than the dataset ({len(train)} samples)."
-            )
-        train = train.select(range(args.max_train_samples))
-    return train
-
-
-def load_streaming_dataset(args):
-    """The training split as a `datasets` IterableDataset (--streaming): nothing is downloaded or
-    read ahead. Image columns stay undecoded (bytes) until a sample is transformed, so a shuffle
-    window holds compressed images only."""
-    from datasets import load_dataset
-
-    flag, location = dataset_location(args)
-    try:
-        with each_local_folder_listed_once():
-            stream = load_dataset(
-                location, args.dataset_config_name, cache_dir=args.cache_dir, split="train", streaming=True
-            )
-    except Exception as error:
-        raise ValueError(f"`{flag}` {location!r} could not be streamed as a dataset: {error}") from error
-    column_names = stream.column_names or list(next(iter(stream.take(1)), {}))
-    if not column_names:
-        raise ValueError(f"`{flag}` {location!r} holds no training samples.")
-    check_columns(column_names, args)
-    stream = stream.select_columns(list(used_columns(args).values()) + (["__key__"] if "__key__" in column_names else []))
-    return undecoded_images(stream, args)
+    files = local_imagefolder_files(location)
+    if files is None:
+        return load_dataset(location, args.dataset_config_name, cache_dir=args.cache_dir, **options)
+    return load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir, **options)
 
 
 def open_stored_image(value):
@@ -652,13 +750,12 @@ def open_stored_image(value):
     return Image.open(value["path"])
 
 
-def verified_upright_size(image):
+def upright_size(image):
     """(width, height) of a just-opened image as it is shown, and as `datasets` decodes it: after its
-    EXIF orientation (a quarter turn swaps the sides); then a check of its data.
+    EXIF orientation (a quarter turn swaps the sides). Read from the header alone.
 
-    The size is read from the header alone, before `verify()` leaves the image unusable. A PNG's EXIF
-    is taken from the chunks before its pixel data, where the PNG spec puts it, because Pillow's
-    `getexif()` would decode the whole PNG to look for one after.
+    A PNG's EXIF is taken from the chunks before its pixel data, where the PNG spec puts it, because
+    Pillow's `getexif()` would decode the whole PNG to look for one after.
     """
     width, height = image.size
     if image.format == "PNG":
@@ -666,13 +763,35 @@ def verified_upright_size(image):
         exif.load(image.info.get("exif"))
     else:
         exif = image.getexif()
-    image.verify()
     return (height, width) if exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (width, height)
+
+
+def verified_upright_size(image):
+    """`upright_size`, then a check of the image's data (without decoding it to pixels)."""
+    size = upright_size(image)
+    image.verify()
+    return size
 
 
 def load_upright_rgb(value):
     """A stored image decoded as `datasets` decodes it (EXIF orientation applied), in RGB."""
     return ImageOps.exif_transpose(open_stored_image(value)).convert("RGB")
+
+
+def condition_stretch(image_size, condition_size):
+    """How much resizing a condition to its image's size stretches one axis against the other: the
+    larger aspect ratio over the smaller, minus 1 (0 when the sizes are proportional)."""
+    (width, height), (condition_width, condition_height) = image_size, condition_size
+    ratio = width * condition_height / (height * condition_width)
+    return max(ratio, 1 / ratio) - 1
+
+
+def condition_fits(image_size, condition_size):
+    """Whether a condition stored at another size than its image can be aligned with it: their
+    sizes must be proportional up to 1 % plus one pixel of the condition's rounding. Depth maps at
+    half size and edge maps at full size both fit; a square condition for a 3:2 image does not."""
+    tolerance = CONDITION_STRETCH_TOLERANCE + 1 / min(condition_size)
+    return condition_stretch(image_size, condition_size) <= tolerance
 
 
 def inspect_sample(image, conditioning_image, caption):
@@ -688,9 +807,13 @@ def inspect_sample(image, conditioning_image, caption):
         except Exception as error:
             return f"unreadable {name} ({error})", None
     (width, height), *condition_size = sizes
-    if condition_size and condition_size[0] != (width, height):
+    if condition_size and not condition_fits((width, height), condition_size[0]):
         other_width, other_height = condition_size[0]
-        return f"conditioning image is {other_width}x{other_height} but the image is {width}x{height}", None
+        return (
+            f"conditioning image is {other_width}x{other_height} but the image is {width}x{height}: their aspect"
+            f" ratios differ by {condition_stretch((width, height), condition_size[0]):.0%}, so the condition cannot"
+            " be aligned with the image"
+        ), None
     if caption is None or not isinstance(caption, (str, list)) or (isinstance(caption, list) and not caption):
         return f"missing caption ({caption!r})", None
     return None, (height, width)
@@ -758,10 +881,10 @@ def recorded_scan_samples(dataset, args):
     return bad, sizes
 
 
-def drop_or_refuse_bad_samples(dataset, args):
-    """Check every sample before training (or read an earlier run's check of the same files): stop
-    with the rows at fault, or drop them with --skip_bad_samples."""
-    bad, sizes = recorded_scan_samples(dataset, args)
+def drop_or_refuse_bad_samples(dataset, args, check_samples=recorded_scan_samples):
+    """(dataset, sizes): check every sample before training (or read an earlier run's check of the
+    same files), then stop with the rows at fault, or drop them with --skip_bad_samples."""
+    bad, sizes = check_samples(dataset, args)
     if bad:
         listing = "; ".join(f"row {row}: {problem}" for row, problem in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -775,45 +898,64 @@ def drop_or_refuse_bad_samples(dataset, args):
         dataset = dataset.select([row for row in range(len(dataset)) if row not in bad_rows])
         if len(dataset) == 0:
             raise ValueError("Every training sample is bad; nothing is left to train on.")
-    if args.aspect_ratio_buckets:
-        dataset = dataset.add_column(SIZE_COLUMN, [list(size) for size in sizes])
-    return dataset
+    return dataset, sizes
 
 
-def image_transform(resolution):
-    """Target images: shorter side to `resolution`, centre crop, values in [-1, 1]."""
-    return transforms.Compose(
-        [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-            transforms.CenterCrop(resolution),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
-        ]
-    )
+def load_train_dataset(args, seed, check_samples=recorded_scan_samples):
+    """(dataset, sizes): the checked training split and each row's image (height, width).
 
-
-def conditioning_image_transform(resolution, detection_resolution=None):
-    """Conditioning images: like the targets but kept in [0, 1].
-
-    With a detection resolution the condition is first brought to the detector's working size,
-    then to the training resolution, as it would be if a detector had made it at that size.
+    Bad samples stop the run or are dropped (--skip_bad_samples); --max_train_samples keeps the
+    first N rows of a shuffle drawn from `seed`, as upstream does.
     """
-    steps = []
-    if detection_resolution is not None and detection_resolution != resolution:
-        steps += [
-            transforms.Resize(detection_resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-            transforms.CenterCrop(detection_resolution),
-        ]
-    steps += [
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution),
-        transforms.ToTensor(),
-    ]
-    return transforms.Compose(steps)
+    flag, location = dataset_location(args)
+    try:
+        dataset = open_dataset(location, args)
+    except Exception as error:
+        raise ValueError(f"`{flag}` {location!r} could not be loaded as a dataset (is it empty?): {error}") from error
+    if "train" not in dataset:
+        raise ValueError(f"The dataset has no 'train' split; it has: {', '.join(dataset)}.")
+    train = dataset["train"]
+    check_columns(train.column_names, args)
+    if len(train) == 0:
+        raise ValueError("The training dataset is empty.")
+    train, sizes = drop_or_refuse_bad_samples(train, args, check_samples)
+    if args.max_train_samples is not None:
+        if args.max_train_samples > len(train):
+            raise ValueError(
+                f"`--max_train_samples` {args.max_train_samples} is larger than the dataset ({len(train)} samples)."
+            )
+        rows = np.random.default_rng(seed).permutation(len(train))[: args.max_train_samples].tolist()
+        train, sizes = train.select(rows), [sizes[row] for row in rows]
+    return train, sizes
 
 
-CANNY_LOW_RANGE = (50, 150)  # random canny thresholds: low in this range,
-CANNY_GAP_RANGE = (50, 150)  # high = low + a gap in this range
+def load_streaming_dataset(args):
+    """The training split as a `datasets` IterableDataset (--streaming): nothing is downloaded or
+    read ahead. Image columns stay undecoded (bytes) until a sample is transformed, so a shuffle
+    window holds compressed images only."""
+    flag, location = dataset_location(args)
+    try:
+        stream = open_dataset(location, args, split="train", streaming=True)
+    except Exception as error:
+        raise ValueError(f"`{flag}` {location!r} could not be streamed as a dataset: {error}") from error
+    column_names = stream.column_names or list(next(iter(stream.take(1)), {}))
+    if not column_names:
+        raise ValueError(f"`{flag}` {location!r} holds no training samples.")
+    check_columns(column_names, args)
+    stream = stream.select_columns(list(used_columns(args).values()) + (["__key__"] if "__key__" in column_names else []))
+    return undecoded_images(stream, args)
+
+
+def load_training_data(args, seed, check_samples=recorded_scan_samples):
+    """(dataset, each row's image size) loaded whole, or (stream, None) with --streaming."""
+    if args.streaming:
+        return load_streaming_dataset(args), None
+    return load_train_dataset(args, seed, check_samples)
+
+
+# ------------------------------------------------------------------------------------------
+# The transform: one for every mode, image and condition placed alike
+# ------------------------------------------------------------------------------------------
 
 
 def canny_condition(image, low_threshold, high_threshold):
@@ -829,113 +971,6 @@ def random_canny_thresholds(rng):
     original canny adapters' training, so the adapter does not learn one detector setting."""
     low = rng.randint(*CANNY_LOW_RANGE)
     return low, low + rng.randint(*CANNY_GAP_RANGE)
-
-
-def center_crop_top_left(height, width, resolution):
-    """Where the centre crop starts once the shorter side is resized to `resolution` (the same
-    arithmetic as torchvision's Resize and CenterCrop)."""
-    if height <= width:
-        resized_height, resized_width = resolution, int(resolution * width / height)
-    else:
-        resized_height, resized_width = int(resolution * height / width), resolution
-    return int(round((resized_height - resolution) / 2.0)), int(round((resized_width - resolution) / 2.0))
-
-
-def preprocess_train(
-    examples, image_column, conditioning_image_column, caption_column, resolution, detection_resolution,
-    latent_cache_dir=None, micro_conditioning=False,
-):
-    """The dataset transform: tensors for both images (or the target's cached latent
-    distribution), captions left as they are, and with micro-conditioning each sample's original
-    size and crop corner (the condition has the image's size: the data check makes sure)."""
-    to_condition = conditioning_image_transform(resolution, detection_resolution)
-    conditions = [image.convert("RGB") for image in examples[conditioning_image_column]]
-    batch = {
-        "conditioning_pixel_values": [to_condition(image) for image in conditions],
-        "captions": list(examples[caption_column]),
-    }
-    if micro_conditioning:
-        batch["original_sizes"] = [torch.tensor([image.height, image.width]) for image in conditions]
-        batch["crop_top_lefts"] = [
-            torch.tensor(center_crop_top_left(image.height, image.width, resolution)) for image in conditions
-        ]
-    if latent_cache_dir is None:
-        to_target = image_transform(resolution)
-        batch["pixel_values"] = [to_target(image.convert("RGB")) for image in examples[image_column]]
-    else:
-        cached = [load_cached_latents(latent_cache_dir, key) for key in examples[LATENT_KEY_COLUMN]]
-        batch["latent_mean"] = [latents["mean"] for latents in cached]
-        batch["latent_std"] = [latents["std"] for latents in cached]
-    return batch
-
-
-def collate_fn(examples):
-    """Stack the tensors of a batch; keep the captions as a list."""
-    return {
-        key: [e[key] for e in examples] if key == "captions" else torch.stack([e[key] for e in examples]).float()
-        for key in examples[0]
-    }
-
-
-def make_train_dataloader(dataset, args, latent_cache_dir=None):
-    """DataLoader over the transformed dataset (with cached latents when a cache folder is given;
-    the dataset then carries a latent key column).
-
-    It gets its own generator so that creating an iterator never draws from the global torch RNG:
-    otherwise a resumed run (which creates its iterator at a different moment) would draw
-    different noise from the uninterrupted run.
-    """
-    columns = [args.conditioning_image_column, args.caption_column]
-    columns.append(args.image_column if latent_cache_dir is None else LATENT_KEY_COLUMN)
-    dataset = dataset.with_transform(
-        partial(
-            preprocess_train,
-            image_column=args.image_column,
-            conditioning_image_column=args.conditioning_image_column,
-            caption_column=args.caption_column,
-            resolution=args.resolution,
-            detection_resolution=args.detection_resolution,
-            latent_cache_dir=latent_cache_dir,
-            micro_conditioning=args.micro_conditioning,
-        ),
-        columns=columns,  # only these are decoded: no target image when its latents are cached
-    )
-    return torch.utils.data.DataLoader(
-        dataset, shuffle=True, collate_fn=collate_fn, batch_size=args.train_batch_size, **loader_options(args)
-    )
-
-
-def loader_options(args):
-    """DataLoader settings both loaders share: workers, pinned memory on CUDA, and a generator of
-    their own, so that creating an iterator never draws from the global torch RNG."""
-    return {
-        "num_workers": args.dataloader_num_workers,
-        "persistent_workers": args.dataloader_num_workers > 0,
-        "pin_memory": torch.cuda.is_available(),
-        "generator": torch.Generator().manual_seed(args.seed if args.seed is not None else 0),
-    }
-
-
-# ------------------------------------------------------------------------------------------
-# Planned batches: streaming, aspect-ratio buckets, random crops and flips, on-the-fly canny
-# ------------------------------------------------------------------------------------------
-# Upstream's loader (above) shuffles rows and centre-crops squares. These features need more:
-# every batch from one bucket, and per-sample randomness (crop, flip, canny thresholds) that a
-# resumed run reproduces exactly. So batches are planned ahead, each sample with its own seed,
-# and the plan's position is part of every checkpoint (torchdata's StatefulDataLoader carries it
-# through the DataLoader workers).
-
-SIZE_COLUMN = "image_size"  # (height, width) of each row's image, for bucketing
-
-
-def uses_planned_batches(args):
-    return (
-        args.streaming
-        or args.aspect_ratio_buckets
-        or args.random_crop
-        or args.random_flip
-        or args.conditioning_type != "image"
-    )
 
 
 def aspect_ratio_buckets(resolution, multiple, max_aspect_ratio=4.0):
@@ -980,10 +1015,69 @@ def cover_size(height, width, target_height, target_width):
     return int(target_width * height / width), target_width
 
 
+class Placement(typing.NamedTuple):
+    """Where an image lands in its training crop: resized to (height, width), cropped at (top, left)
+    to the target size, maybe flipped."""
+
+    height: int
+    width: int
+    top: int
+    left: int
+    target_height: int
+    target_width: int
+    flip: bool = False
+
+    def apply(self, picture):
+        box = (self.left, self.top, self.left + self.target_width, self.top + self.target_height)
+        picture = picture.resize((self.width, self.height), Image.BILINEAR).crop(box)
+        return picture.transpose(Image.FLIP_LEFT_RIGHT) if self.flip else picture
+
+    def crop_top_left(self):
+        """The crop's corner as the UNet is told it: as seen in the (maybe flipped) image."""
+        return self.top, self.width - self.left - self.target_width if self.flip else self.left
+
+
+def draw_placement(height, width, target_size, rng=None, random_crop=False, random_flip=False):
+    """The placement of a (height, width) image in a target-size crop: resized to just cover it,
+    then cropped at the centre (torchvision's CenterCrop arithmetic, as upstream) or at random."""
+    target_height, target_width = target_size
+    resized_height, resized_width = cover_size(height, width, target_height, target_width)
+    if random_crop:
+        top, left = rng.randint(0, resized_height - target_height), rng.randint(0, resized_width - target_width)
+    else:
+        top = int(round((resized_height - target_height) / 2.0))
+        left = int(round((resized_width - target_width) / 2.0))
+    flip = random_flip and rng.random() < 0.5
+    return Placement(resized_height, resized_width, top, left, target_height, target_width, flip)
+
+
+def centre_crop(picture, resolution):
+    """The resolution² centre crop that training takes of a picture without random placement."""
+    return draw_placement(picture.height, picture.width, (resolution, resolution)).apply(picture)
+
+
+def to_training_pixels(image):
+    """A target image as the VAE takes it: a tensor in [-1, 1]."""
+    return transforms.functional.normalize(transforms.functional.to_tensor(image), [0.5], [0.5])
+
+
+def condition_at_image_size(condition, image_size, detection_resolution=None):
+    """The condition brought to its image's (width, height), so that one placement fits both:
+    conditions are often stored at another size (depth maps at half size). With a detection
+    resolution it first passes through the detector's working size (shorter side), as if a
+    detector had made it there."""
+    if detection_resolution is not None:
+        width, height = image_size
+        working_height, working_width = cover_size(height, width, detection_resolution, detection_resolution)
+        condition = condition.resize((working_width, working_height), Image.BILINEAR)
+    return condition if condition.size == tuple(image_size) else condition.resize(image_size, Image.BILINEAR)
+
+
 class PairTransform:
-    """Turns one stored sample into training tensors at a target size, with the sample's own RNG:
-    image and condition are resized, cropped and flipped identically (pixel for pixel), and with
-    --conditioning_type canny the condition is the edge map of the final crop."""
+    """The one transform: a stored sample to training tensors at a target size, with the sample's
+    own RNG. Image and condition are placed identically (pixel for pixel); with --conditioning_type
+    canny the condition is the edge map of the final crop; with cached latents the image is not
+    decoded, only its size read."""
 
     def __init__(self, args):
         self.image_column = args.image_column
@@ -994,200 +1088,45 @@ class PairTransform:
         self.random_crop = args.random_crop
         self.random_flip = args.random_flip
 
-    def __call__(self, sample, target_size, seed):
+    def __call__(self, sample, target_size, seed, cached_latents=None):
         rng = random.Random(seed)
-        image = load_upright_rgb(sample[self.image_column])
-        condition = None
-        if self.conditioning_type == "image":
-            condition = load_upright_rgb(sample[self.conditioning_image_column])
-            if self.detection_resolution is not None:
-                # As if a detector had made the condition at its working size (shorter side).
-                working = cover_size(image.height, image.width, self.detection_resolution, self.detection_resolution)
-                condition = condition.resize(working[::-1], Image.BILINEAR).resize(image.size, Image.BILINEAR)
-        target_height, target_width = target_size
-        resized_height, resized_width = cover_size(image.height, image.width, target_height, target_width)
-        if self.random_crop:
-            top, left = rng.randint(0, resized_height - target_height), rng.randint(0, resized_width - target_width)
+        if cached_latents is None:
+            image = load_upright_rgb(sample[self.image_column])
+            width, height = image.size
         else:
-            top = int(round((resized_height - target_height) / 2.0))
-            left = int(round((resized_width - target_width) / 2.0))
-        flip = self.random_flip and rng.random() < 0.5
-        box = (left, top, left + target_width, top + target_height)
-        original_size = (image.height, image.width)
-
-        def place(picture):
-            picture = picture.resize((resized_width, resized_height), Image.BILINEAR).crop(box)
-            return picture.transpose(Image.FLIP_LEFT_RIGHT) if flip else picture
-
-        image = place(image)
-        if condition is None:
+            with open_stored_image(sample[self.image_column]) as opened:
+                width, height = upright_size(opened)
+        placement = draw_placement(height, width, target_size, rng, self.random_crop, self.random_flip)
+        pair = {
+            "captions": sample[self.caption_column],
+            "original_sizes": torch.tensor((height, width)),
+            "crop_top_lefts": torch.tensor(placement.crop_top_left()),
+        }
+        if cached_latents is None:
+            image = placement.apply(image)
+            pair["pixel_values"] = to_training_pixels(image)
+        else:
+            pair["latent_mean"], pair["latent_std"] = cached_latents["mean"], cached_latents["std"]
+        if self.conditioning_type == "canny":
             condition = canny_condition(image, *random_canny_thresholds(rng))
         else:
-            condition = place(condition)
-        if flip:  # the crop's corner as seen in the flipped image
-            left = resized_width - left - target_width
-        return {
-            "pixel_values": transforms.functional.normalize(transforms.functional.to_tensor(image), [0.5], [0.5]),
-            "conditioning_pixel_values": transforms.functional.to_tensor(condition),
-            "captions": sample[self.caption_column],
-            "original_sizes": torch.tensor(original_size),
-            "crop_top_lefts": torch.tensor((top, left)),
-        }
+            condition = load_upright_rgb(sample[self.conditioning_image_column])
+            condition = placement.apply(condition_at_image_size(condition, (width, height), self.detection_resolution))
+        pair["conditioning_pixel_values"] = transforms.functional.to_tensor(condition)
+        return pair
 
 
-class PlannedBatchSampler:
-    """Endless batches of (row, target size, seed) over a map-style dataset: each epoch a new
-    permutation from (seed, epoch), batches grouped by bucket, every process its share. Its state
-    (epoch, batches done) is saved with each checkpoint."""
-
-    def __init__(self, targets, batch_size, seed, rank=0, world_size=1):
-        self.targets, self.batch_size, self.seed = targets, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.done = 0, 0
-
-    def epoch_plan(self, epoch):
-        rng = np.random.default_rng([self.seed, epoch])
-        batches = plan_batches(self.targets, self.batch_size, rng)
-        sample_seeds = rng.integers(2**63, size=len(self.targets)).tolist()
-        # Equal shares: every process must take the same number of steps.
-        batches = batches[: len(batches) // self.world_size * self.world_size][self.rank :: self.world_size]
-        return [[(row, tuple(self.targets[row]), sample_seeds[row]) for row in batch] for batch in batches]
-
-    def batches_per_epoch(self):
-        return len(self.epoch_plan(0))
-
-    def __iter__(self):
-        while True:
-            plan = self.epoch_plan(self.epoch)
-            while self.done < len(plan):
-                self.done += 1
-                yield plan[self.done - 1]
-            self.epoch, self.done = self.epoch + 1, 0
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "done": self.done}
-
-    def load_state_dict(self, state):
-        self.epoch, self.done = state["epoch"], state["done"]
-
-
-class PlannedPairs(torch.utils.data.Dataset):
-    """A map-style dataset indexed by the sampler's (row, target size, seed)."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __getitem__(self, key):
-        row, target_size, seed = key
-        return self.transform(self.dataset[row], target_size, seed)
-
-
-class StreamingBatches(torch.utils.data.IterableDataset):
-    """Endless batches from a `datasets` IterableDataset (--streaming).
-
-    Each epoch reads the shards in a new order (from the seed and epoch), each process its own
-    shards (datasets' split_dataset_by_node) and each DataLoader worker its own part of those.
-    Samples are taken in windows of --shuffle_buffer_size, checked, shuffled and grouped by
-    bucket. The state is the stream's position at the start of the current window plus the
-    batches already given from it: a resumed run re-reads that one window and continues exactly
-    (datasets' own shuffle buffer is not saved in its state_dict, so it is not used).
-    """
-
-    def __init__(self, stream, transform, args, rank=0, world_size=1, buckets=None):
-        self.stream, self.transform, self.rank, self.world_size = stream, transform, rank, world_size
-        self.args, self.buckets = args, buckets
-        self.state = {"epoch": 0, "window": 0, "stream": None, "done": 0}
-
-    def epoch_stream(self, epoch):
-        from datasets import concatenate_datasets
-        from datasets.distributed import split_dataset_by_node
-
-        num_shards = self.stream.num_shards
-        order = np.random.default_rng([self.args.seed or 0, epoch]).permutation(num_shards).tolist()
-        stream = concatenate_datasets([self.stream.shard(num_shards, index) for index in order])
-        return split_dataset_by_node(stream, self.rank, self.world_size)
-
-    def window_batches(self, window, rng):
-        """Check the window's samples, then plan its batches: (sample, target size, seed) lists."""
-        good, targets = [], []
-        for sample in window:
-            problem, size = inspect_sample(*stored_sample(sample, self.args))
-            if problem is not None:
-                name = sample.get("__key__", "?")
-                if not self.args.skip_bad_samples:
-                    raise ValueError(f"Bad training sample {name!r}: {problem}. Fix it, or pass --skip_bad_samples.")
-                logger.warning(f"Skipping training sample {name!r}: {problem}.")
-                continue
-            good.append(sample)
-            resolution = self.args.resolution
-            targets.append(nearest_bucket(*size, self.buckets) if self.buckets else (resolution, resolution))
-        seeds = rng.integers(2**63, size=len(good)).tolist()
-        return [
-            [(good[i], targets[i], seeds[i]) for i in batch]
-            for batch in plan_batches(targets, self.args.train_batch_size, rng)
-        ]
-
-    def __iter__(self):
-        worker = torch.utils.data.get_worker_info()
-        worker_id = worker.id if worker is not None else 0
-        state = dict(self.state)
-        while True:
-            stream = self.epoch_stream(state["epoch"])
-            if state["stream"] is not None:
-                stream.load_state_dict(state["stream"])
-            samples = iter(stream)
-            while True:
-                window = list(itertools.islice(samples, self.args.shuffle_buffer_size))
-                if not window:
-                    break
-                rng = np.random.default_rng([self.args.seed or 0, state["epoch"], self.rank, worker_id, state["window"]])
-                for done, batch in enumerate(self.window_batches(window, rng), start=1):
-                    if done > state["done"]:  # the others were given before the checkpoint resumed from
-                        self.state = {**state, "done": done}
-                        yield collate_fn([self.transform(sample, target, seed) for sample, target, seed in batch])
-                state = {**state, "window": state["window"] + 1, "stream": stream.state_dict(), "done": 0}
-            state = {"epoch": state["epoch"] + 1, "window": 0, "stream": None, "done": 0}
-
-    def state_dict(self):
-        return copy.deepcopy(self.state)
-
-    def load_state_dict(self, state):
-        self.state = copy.deepcopy(state)
-
-
-def make_planned_dataloader(dataset, args, rank, world_size, multiple):
-    """A StatefulDataLoader over planned batches, for a map-style dataset or a stream.
-
-    Every process builds its own (it is not passed to accelerate.prepare); its state is saved in
-    each checkpoint. Returns (dataloader, batches per epoch on this process, or None for a stream).
-    """
-    from datasets import IterableDataset
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
-    buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
-    transform = PairTransform(args)
-    if isinstance(dataset, IterableDataset):  # it yields whole batches
-        batches = StreamingBatches(dataset, transform, args, rank, world_size, buckets)
-        return StatefulDataLoader(batches, batch_size=None, **loader_options(args)), None
-    if buckets:
-        targets = [nearest_bucket(*size, buckets) for size in dataset[SIZE_COLUMN]]
-    else:
-        targets = [(args.resolution, args.resolution)] * len(dataset)
-    sampler = PlannedBatchSampler(targets, args.train_batch_size, args.seed or 0, rank, world_size)
-    batches_per_epoch = sampler.batches_per_epoch()
-    if batches_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} samples make no batch for each of the {world_size} processes.")
-    pairs = PlannedPairs(undecoded_images(dataset, args), transform)
-    dataloader = StatefulDataLoader(pairs, batch_sampler=sampler, collate_fn=collate_fn, **loader_options(args))
-    return dataloader, batches_per_epoch
+def collate_fn(examples):
+    """Stack the tensors of a batch; keep the captions as a list."""
+    return {
+        key: [e[key] for e in examples] if key == "captions" else torch.stack([e[key] for e in examples]).float()
+        for key in examples[0]
+    }
 
 
 # ------------------------------------------------------------------------------------------
-# Latent cache (--cache_latents)
+# Latent cache (--cache_latents): each image's VAE latent distribution, encoded once
 # ------------------------------------------------------------------------------------------
-
-LATENT_KEY_COLUMN = "latent_cache_key"
-LATENT_CACHE_VERSION = "1"  # bump when the target transform changes
 
 
 def default_latent_cache_dir(args):
@@ -1230,16 +1169,17 @@ def latent_cache_path(cache_dir, key):
     return os.path.join(cache_dir, key[:2], f"{key}.safetensors")
 
 
-def load_cached_latents(cache_dir, key):
+def load_cached_latents(path):
     from safetensors.torch import load_file
 
-    return load_file(latent_cache_path(cache_dir, key))
+    return load_file(path)
 
 
 @torch.no_grad()
 def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir):
-    """Encode every image whose latent distribution is not cached yet (each process its share),
-    stored as float16 mean and std. Returns how many this process encoded."""
+    """Encode every image whose latent distribution is not cached yet (each process its share), at
+    the centre crop the transform makes, stored as float16 mean and std. Returns how many this
+    process encoded."""
     from safetensors.torch import save_file
 
     missing = [
@@ -1248,12 +1188,14 @@ def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir):
         if row % accelerator.num_processes == accelerator.process_index
         and not os.path.exists(latent_cache_path(cache_dir, key))
     ]
-    images = dataset.select_columns([args.image_column])
-    to_target = image_transform(args.resolution)
+    images = undecoded_images(dataset.select_columns([args.image_column]), args)
     progress = tqdm(total=len(missing), desc="Caching latents", disable=not accelerator.is_local_main_process)
     for start in range(0, len(missing), 8):
         rows = missing[start : start + 8]
-        pixels = torch.stack([to_target(images[row][args.image_column].convert("RGB")) for row in rows])
+        pixels = torch.stack([
+            to_training_pixels(centre_crop(load_upright_rgb(images[row][args.image_column]), args.resolution))
+            for row in rows
+        ])
         distribution = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
         for row, mean, std in zip(rows, distribution.mean, distribution.std):
             path = latent_cache_path(cache_dir, keys[row])
@@ -1267,10 +1209,188 @@ def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir):
     return len(missing)
 
 
+def cache_latents(dataset, vae, args, accelerator):
+    """Fill the latent cache for `dataset` and return each row's latent file."""
+    cache_dir = default_latent_cache_dir(args)
+    keys = latent_cache_keys(dataset, args.image_column, vae_fingerprint(vae), args.resolution)
+    encoded = fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir)
+    logger.info(f"Latent cache {cache_dir}: {len(keys)} images, {encoded} newly encoded on this process.")
+    return [latent_cache_path(cache_dir, key) for key in keys]
+
+
 def sample_cached_latents(mean, std, scaling_factor):
     """What `vae.encode(x).latent_dist.sample() * scaling_factor` gives, from the cached distribution."""
     mean, std = mean.float().contiguous(), std.float()
     return (mean + std * torch.randn_like(mean)) * scaling_factor
+
+
+# ------------------------------------------------------------------------------------------
+# The loader: planned batches for every mode, one resume mechanism
+# ------------------------------------------------------------------------------------------
+
+
+class PlannedBatchSampler:
+    """Endless batches of (row, target size, seed) over a map-style dataset: each epoch a new
+    permutation from (seed, epoch), batches grouped by target size, every process its share. Its
+    state (epoch, batches done) is saved with each checkpoint."""
+
+    def __init__(self, targets, batch_size, seed, rank=0, world_size=1):
+        self.targets, self.batch_size, self.seed = targets, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.done = 0, 0
+
+    def epoch_plan(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = plan_batches(self.targets, self.batch_size, rng)
+        sample_seeds = rng.integers(2**63, size=len(self.targets)).tolist()
+        # Equal shares: every process must take the same number of steps.
+        batches = batches[: len(batches) // self.world_size * self.world_size][self.rank :: self.world_size]
+        return [[(row, tuple(self.targets[row]), sample_seeds[row]) for row in batch] for batch in batches]
+
+    def batches_per_epoch(self):
+        return len(self.epoch_plan(0))
+
+    def __iter__(self):
+        while True:
+            plan = self.epoch_plan(self.epoch)
+            while self.done < len(plan):
+                self.done += 1
+                yield plan[self.done - 1]
+            self.epoch, self.done = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "done": self.done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.done = state["epoch"], state["done"]
+
+
+class PlannedPairs(torch.utils.data.Dataset):
+    """A map-style dataset indexed by the sampler's (row, target size, seed); with the latent cache,
+    each row's cached latent distribution is read from `latent_files[row]`."""
+
+    def __init__(self, dataset, transform, latent_files=None):
+        self.dataset, self.transform, self.latent_files = dataset, transform, latent_files
+
+    def __getitem__(self, key):
+        row, target_size, seed = key
+        cached = None if self.latent_files is None else load_cached_latents(self.latent_files[row])
+        return self.transform(self.dataset[row], target_size, seed, cached)
+
+
+class StreamingBatches(torch.utils.data.IterableDataset):
+    """Endless batches from a `datasets` IterableDataset (--streaming).
+
+    Each epoch reads the shards in a new order (from the seed and epoch), each process its own
+    shards (datasets' split_dataset_by_node) and each DataLoader worker its own part of those.
+    Samples are taken in windows of --shuffle_buffer_size, checked, shuffled and grouped by
+    bucket. The state is the stream's position at the start of the current window plus the
+    batches already given from it: a resumed run re-reads that one window and continues exactly
+    (datasets' own shuffle buffer is not saved in its state_dict, so it is not used).
+    """
+
+    def __init__(self, stream, transform, args, seed, rank=0, world_size=1, buckets=None):
+        self.stream, self.transform, self.args, self.seed = stream, transform, args, seed
+        self.rank, self.world_size, self.buckets = rank, world_size, buckets
+        self.state = {"epoch": 0, "window": 0, "stream": None, "done": 0}
+
+    def epoch_stream(self, epoch):
+        from datasets import concatenate_datasets
+        from datasets.distributed import split_dataset_by_node
+
+        num_shards = self.stream.num_shards
+        order = np.random.default_rng([self.seed, epoch]).permutation(num_shards).tolist()
+        stream = concatenate_datasets([self.stream.shard(num_shards, index) for index in order])
+        return split_dataset_by_node(stream, self.rank, self.world_size)
+
+    def window_batches(self, window, rng):
+        """Check the window's samples, then plan its batches: (sample, target size, seed) lists."""
+        good, targets = [], []
+        for sample in window:
+            problem, size = inspect_sample(*stored_sample(sample, self.args))
+            if problem is not None:
+                name = sample.get("__key__", "?")
+                if not self.args.skip_bad_samples:
+                    raise ValueError(f"Bad training sample {name!r}: {problem}. Fix it, or pass --skip_bad_samples.")
+                logger.warning(f"Skipping training sample {name!r}: {problem}.")
+                continue
+            good.append(sample)
+            resolution = self.args.resolution
+            targets.append(nearest_bucket(*size, self.buckets) if self.buckets else (resolution, resolution))
+        seeds = rng.integers(2**63, size=len(good)).tolist()
+        return [
+            [(good[i], targets[i], seeds[i]) for i in batch]
+            for batch in plan_batches(targets, self.args.train_batch_size, rng)
+        ]
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        state = dict(self.state)
+        while True:
+            stream = self.epoch_stream(state["epoch"])
+            if state["stream"] is not None:
+                stream.load_state_dict(state["stream"])
+            samples = iter(stream)
+            while True:
+                window = list(itertools.islice(samples, self.args.shuffle_buffer_size))
+                if not window:
+                    break
+                rng = np.random.default_rng([self.seed, state["epoch"], self.rank, worker_id, state["window"]])
+                for done, batch in enumerate(self.window_batches(window, rng), start=1):
+                    if done > state["done"]:  # the others were given before the checkpoint resumed from
+                        self.state = {**state, "done": done}
+                        yield collate_fn([self.transform(sample, target, seed) for sample, target, seed in batch])
+                state = {**state, "window": state["window"] + 1, "stream": stream.state_dict(), "done": 0}
+            state = {"epoch": state["epoch"] + 1, "window": 0, "stream": None, "done": 0}
+
+    def state_dict(self):
+        return copy.deepcopy(self.state)
+
+    def load_state_dict(self, state):
+        self.state = copy.deepcopy(state)
+
+
+def loader_options(args, seed):
+    """DataLoader settings: workers, pinned memory on CUDA, and a generator of its own, so that
+    creating an iterator never draws from the global torch RNG (a resumed run, which creates its
+    iterator at another moment, would otherwise draw other noise than the uninterrupted run)."""
+    return {
+        "num_workers": args.dataloader_num_workers,
+        "persistent_workers": args.dataloader_num_workers > 0,
+        "pin_memory": torch.cuda.is_available(),
+        "generator": torch.Generator().manual_seed(seed),
+    }
+
+
+def make_train_dataloader(train_data, args, seed, rank, world_size, multiple, latent_files=None):
+    """The training loader, for a map-style dataset or a stream: a StatefulDataLoader over planned
+    batches. Every process builds its own share (it is not passed to accelerate.prepare), and its
+    state goes into each checkpoint.
+
+    `train_data` is what `load_training_data` returns; `multiple` is the adapter's total downscale
+    (bucket sides are multiples of it). Returns (loader, batches per epoch on this process, or None
+    for a stream).
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dataset, sizes = train_data
+    buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
+    transform = PairTransform(args)
+    if sizes is None:  # a stream; it yields whole batches
+        batches = StreamingBatches(dataset, transform, args, seed, rank, world_size, buckets)
+        return StatefulDataLoader(batches, batch_size=None, **loader_options(args, seed)), None
+    if buckets:
+        targets = [nearest_bucket(*size, buckets) for size in sizes]
+    else:
+        targets = [(args.resolution, args.resolution)] * len(sizes)
+    sampler = PlannedBatchSampler(targets, args.train_batch_size, seed, rank, world_size)
+    batches_per_epoch = sampler.batches_per_epoch()
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(sizes)} samples make no batch for each of the {world_size} processes.")
+    pairs = PlannedPairs(undecoded_images(dataset, args), transform, latent_files)
+    loader = StatefulDataLoader(pairs, batch_sampler=sampler, collate_fn=collate_fn, **loader_options(args, seed))
+    return loader, batches_per_epoch
 
 
 # ------------------------------------------------------------------------------------------
@@ -1325,82 +1445,6 @@ def weight_dtype_for(mixed_precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def vae_scale_factor(vae_config):
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
-def derive_adapter_config(unet_config, vae_config):
-    """A full_adapter_xl sized for this UNet: one feature map per down block plus one for the mid
-    block, at the UNet's channels; pixels are unshuffled by twice the VAE's downscale (for SDXL:
-    channels (320, 640, 1280, 1280), downscale 16, as upstream hard-codes)."""
-    block_out_channels = list(unet_config["block_out_channels"])
-    return {
-        "in_channels": 3,
-        "channels": block_out_channels + [block_out_channels[-1]],
-        "num_res_blocks": 2,
-        "downscale_factor": 2 * vae_scale_factor(vae_config),
-        "adapter_type": "full_adapter_xl",
-    }
-
-
-def adapter_feature_shapes(adapter_config, resolution):
-    """(channels, height) of each feature map the adapter makes from a resolution² image."""
-    channels = list(adapter_config["channels"])
-    side = resolution // adapter_config["downscale_factor"]
-    if adapter_config["adapter_type"] == "full_adapter_xl":
-        # Only the third block halves the resolution.
-        return [(c, side if i < 2 else side // 2) for i, c in enumerate(channels)]
-    return [(c, side // 2**i) for i, c in enumerate(channels)]  # full_adapter, light_adapter
-
-
-def unet_residual_shapes(unet_config, latent_side):
-    """(channels, height) of each place where the UNet adds an adapter feature map, in order.
-
-    A cross-attention down block adds it before its downsampler; a plain down block after it;
-    the mid block takes one more at the lowest resolution.
-    """
-    shapes = []
-    block_types = unet_config["down_block_types"]
-    side = latent_side
-    for i, (block_type, channels) in enumerate(zip(block_types, unet_config["block_out_channels"])):
-        has_downsampler = i < len(block_types) - 1
-        if "CrossAttn" in block_type or not has_downsampler:
-            shapes.append((channels, side))
-        else:
-            shapes.append((channels, side // 2))
-        if has_downsampler:
-            side //= 2
-    shapes.append((unet_config["block_out_channels"][-1], side))  # mid block
-    return shapes
-
-
-def adapter_total_downscale(adapter_config):
-    """How many pixels of the condition make one pixel of the adapter's smallest feature map's
-    predecessor: image sides must be multiples of it."""
-    downscale = adapter_config["downscale_factor"]
-    return 2 * downscale if adapter_config["adapter_type"] == "full_adapter_xl" else downscale
-
-
-def check_adapter_fits(adapter_config, unet_config, vae_config, resolution):
-    """The adapter's feature maps must match, one by one, where the UNet adds them."""
-    downscale = adapter_total_downscale(adapter_config)
-    if resolution % downscale != 0:
-        raise ValueError(
-            f"`--resolution` {resolution} must be divisible by the adapter's total downscale factor {downscale}."
-        )
-    adapter_shapes = adapter_feature_shapes(adapter_config, resolution)
-    unet_shapes = unet_residual_shapes(unet_config, resolution // vae_scale_factor(vae_config))
-    # The mid-block map is optional: an adapter may stop after the down blocks.
-    if adapter_shapes not in (unet_shapes, unet_shapes[:-1]):
-        raise ValueError(
-            "The adapter does not fit the UNet: at --resolution "
-            f"{resolution} the adapter makes feature maps (channels, size) {adapter_shapes} but the UNet takes"
-            f" {unet_shapes} (adapter channels {list(adapter_config['channels'])}, downscale"
-            f" {adapter_config['downscale_factor']}, type {adapter_config['adapter_type']}; UNet block_out_channels"
-            f" {list(unet_config['block_out_channels'])})."
-        )
-
-
 def text_encoder_class(location, subfolder, args):
     """The transformers class named in a text encoder's config."""
     import transformers
@@ -1432,7 +1476,8 @@ def load_tokenizers(args):
 
 
 def load_models(args, adapter_config):
-    """Scheduler, tokenizers, text encoders, VAE, UNet and the adapter, all frozen but the adapter."""
+    """The components by name: scheduler, tokenizers, text encoders, VAE, UNet and the adapter, all
+    frozen but the adapter."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, T2IAdapter, UNet2DConditionModel
 
     base = args.pretrained_model_name_or_path
@@ -1450,20 +1495,31 @@ def load_models(args, adapter_config):
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **hub)
 
     if args.adapter_model_name_or_path:
-        logger.info(f"Loading adapter weights from {args.adapter_model_name_or_path}.")
-        adapter = T2IAdapter.from_pretrained(args.adapter_model_name_or_path, cache_dir=args.cache_dir)
+        location = args.adapter_model_name_or_path
+        logger.info(f"Loading adapter weights from {location}.")
+        # Adapters are often shared in float16. The trained copy is float32 (mixed precision keeps
+        # a float32 master copy), as in upstream, whose from_pretrained loads float32 too.
+        stored = safetensors_dtypes(location) - {"F32"} if os.path.isdir(location) else set()
+        if stored:
+            logger.info(f"The adapter in {location} is stored in {'/'.join(sorted(stored))}; it trains in float32.")
+        adapter = T2IAdapter.from_pretrained(location, torch_dtype=torch.float32, cache_dir=args.cache_dir)
     else:
         logger.info(f"Initialising a new adapter: {adapter_config}.")
         adapter = T2IAdapter(**adapter_config)
-    if adapter.dtype != torch.float32:
-        raise ValueError(f"The adapter was loaded as {adapter.dtype}; the trained adapter must be float32.")
 
     # Only the adapter trains. Upstream leaves the UNet trainable, which costs a full backward
     # through its weights and ~10 GB of unused gradients at SDXL size.
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
     adapter.train()
-    return noise_scheduler, tokenizers, text_encoders, vae, unet, adapter
+    return {
+        "noise_scheduler": noise_scheduler,
+        "tokenizers": tokenizers,
+        "text_encoders": text_encoders,
+        "vae": vae,
+        "unet": unet,
+        "adapter": adapter,
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -1590,14 +1646,14 @@ def prune_checkpoints(output_dir, total_limit):
 
 
 def data_state_path(checkpoint, process_index):
-    return os.path.join(checkpoint, f"data_state_{process_index}.pt")
+    return os.path.join(checkpoint, DATA_STATE_FILE.format(process_index))
 
 
-def save_checkpoint(accelerator, output_dir, step, total_limit, data_state=None):
+def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
     """Save the full training state as output_dir/checkpoint-<step>.
 
-    Every process takes part (DeepSpeed needs each rank's shard), and each saves its planned
-    batches' position (`data_state`) when there is one. The state is written under a temporary
+    Every process takes part (DeepSpeed needs each rank's shard), and each saves its `data_state`
+    (the run's seed and its loader's position) as JSON. The state is written under a temporary
     name and renamed once complete, and only then are old checkpoints pruned: a crash while saving
     leaves the previous checkpoints intact and never a half-written one as 'latest'.
     """
@@ -1607,8 +1663,8 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state=None)
         shutil.rmtree(tmp_path)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp_path)
-    if data_state is not None:
-        torch.save(data_state, data_state_path(tmp_path, accelerator.process_index))
+    with open(data_state_path(tmp_path, accelerator.process_index), "w") as f:
+        json.dump(data_state, f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.exists(final_path):  # the same step saved again after a resume
@@ -1618,6 +1674,20 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state=None)
         logger.info(f"Saved state to {final_path}")
     accelerator.wait_for_everyone()
     return final_path
+
+
+def load_data_state(checkpoint, process_index):
+    """This process's data state saved with the checkpoint: the run's seed and the loader's position.
+    Plain JSON, so reading it never runs code."""
+    path = data_state_path(checkpoint, process_index)
+    if not os.path.exists(path):
+        raise ValueError(
+            f"{checkpoint} holds no data state for process {process_index} ({os.path.basename(path)}): it was saved"
+            " by an older version of this trainer or by a run with fewer processes. Resume with the process count it"
+            " was saved with, or start a new run in another --output_dir."
+        )
+    with open(path) as f:
+        return json.load(f)
 
 
 def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
@@ -1659,22 +1729,6 @@ def load_adapter_hook(models, input_dir):
 # ------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------
-
-
-def pair_validation_inputs(prompts, images, prompt_flag="--validation_prompt", image_flag="--validation_image"):
-    """(prompt, image) pairs: equal counts pair up; a single prompt or image is shared."""
-    if not prompts or not images:
-        raise ValueError(f"Pass at least one `{prompt_flag}` and one `{image_flag}`.")
-    if len(prompts) == len(images):
-        return list(zip(prompts, images))
-    if len(images) == 1:
-        return [(prompt, images[0]) for prompt in prompts]
-    if len(prompts) == 1:
-        return [(prompts[0], image) for image in images]
-    raise ValueError(
-        f"Got {len(prompts)} `{prompt_flag}`s and {len(images)} `{image_flag}`s: provide as many of each,"
-        " or exactly one of either."
-    )
 
 
 def image_grid(images, rows, cols):
@@ -1790,8 +1844,10 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
 # ------------------------------------------------------------------------------------------
 
 
-def save_model_card(repo_id, image_logs, base_model, repo_folder):
-    """README.md with the Hub metadata and, per validation prompt, a grid: condition then samples."""
+def save_model_card(repo_id, image_logs, base_model, repo_folder, training_details=None):
+    """README.md: the Hub metadata (upstream's license, tags and `library_name: diffusers`), and a body
+    with the sections of diffusers' training model card, filled in: what the adapter is, a grid per
+    validation prompt (condition then samples), how to use it, its limits and how it was trained."""
     image_text = ""
     if image_logs:
         image_text = "You can find some example images below.\n\n"
@@ -1801,19 +1857,48 @@ def save_model_card(repo_id, image_logs, base_model, repo_folder):
             image_grid(images, 1, len(images)).save(os.path.join(repo_folder, f"images_{i}.png"))
             image_text += f"prompt: {log['validation_prompt']}\n\n![images_{i}](./images_{i}.png)\n\n"
     tags = "\n".join(f"- {tag}" for tag in MODEL_CARD_TAGS)
+    details = "".join(f"- {name}: {value}\n" for name, value in (training_details or {}).items())
     card = f"""---
 license: creativeml-openrail-m
 base_model: {base_model}
+library_name: diffusers
 tags:
 {tags}
 inference: true
 ---
 
+<!-- Written by train_t2i_adapter_sdxl.py from what the run knew; check it and complete it before sharing. -->
+
 # t2iadapter-{repo_id}
 
 These are T2I-Adapter weights trained on {base_model} with a new type of conditioning.
 
-{image_text}"""
+{image_text}## Intended uses & limitations
+
+#### How to use
+
+```python
+import torch
+from diffusers import StableDiffusionXLAdapterPipeline, T2IAdapter
+from diffusers.utils import load_image
+
+adapter = T2IAdapter.from_pretrained("{repo_id}")
+pipeline = StableDiffusionXLAdapterPipeline.from_pretrained("{base_model}", adapter=adapter)
+pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
+condition = load_image("condition.png")  # an image of the kind the adapter was trained on
+image = pipeline("a prompt", image=condition, num_inference_steps=30).images[0]
+image.save("generated.png")
+```
+
+#### Limitations and bias
+
+The adapter follows conditions like those it was trained on, and inherits the limitations and biases of
+{base_model} and of its training data.
+
+## Training details
+
+{details or "See the training run's logs."}
+"""
     with open(os.path.join(repo_folder, "README.md"), "w") as f:
         f.write(card)
 
@@ -1841,7 +1926,98 @@ def tracker_config(args):
 # ------------------------------------------------------------------------------------------
 
 
-def build_optimizer(params, args, device):
+def make_accelerator(args):
+    """The Accelerator (processes, mixed precision, accumulation, trackers), and logging."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
+        ),
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    return accelerator
+
+
+def find_resume_point(args, accelerator):
+    """(checkpoint, this process's data state in it) to resume from, or (None, None) for a new run."""
+    resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resume_path is None:
+        if args.resume_from_checkpoint:
+            accelerator.print(f"Checkpoint {args.resume_from_checkpoint!r} does not exist. Starting a new training run.")
+        return None, None
+    return resume_path, load_data_state(resume_path, accelerator.process_index)
+
+
+def run_seed(args, accelerator, resumed_data_state=None):
+    """The seed of the whole run (data order, per-sample randomness, noise): --seed; else the one
+    the resumed checkpoint ran with, so that it replays the same order; else one the main process
+    draws and gives to all (were each process to draw its own, each would shuffle differently and
+    an epoch would give some samples to two processes and others to none)."""
+    if args.seed is not None:
+        return args.seed
+    if resumed_data_state is not None:
+        return resumed_data_state["seed"]
+    seed = [random.SystemRandom().randrange(2**31) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(seed)
+    logger.info(f"No --seed given: this run's seed is {seed[0]} (pass --seed {seed[0]} to repeat it).")
+    return seed[0]
+
+
+def set_up_models(components, args, accelerator):
+    """Checkpoints that keep the adapter in diffusers format, attention kernels, memory options and
+    compilation, then each frozen model on the device in the mixed-precision dtype, which is returned. SDXL's own VAE stays float32 because it overflows
+    in fp16 (a replacement VAE, e.g. the fp16-fix one, follows the weight dtype)."""
+    accelerator.register_save_state_pre_hook(partial(save_adapter_hook, accelerator=accelerator))
+    accelerator.register_load_state_pre_hook(load_adapter_hook)
+    unet, adapter = components["unet"], components["adapter"]
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.torch_compile:
+        # In place, so state-dict keys and the save/load hooks are unchanged.
+        unet.compile()
+        adapter.compile()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path is not None else torch.float32
+    components["vae"].to(accelerator.device, dtype=vae_dtype)
+    for model in (unet, *components["text_encoders"]):
+        model.to(accelerator.device, dtype=weight_dtype)
+    return weight_dtype
+
+
+def latent_files_for(train_data, components, args, accelerator):
+    """With --cache_latents, each row's cached latent file (encoded now where missing); else None."""
+    if not args.cache_latents:
+        return None
+    latent_files = cache_latents(train_data[0], components["vae"], args, accelerator)
+    if accelerator.device.type != "cpu":
+        components["vae"].to("cpu")  # only validation decodes now: free its GPU memory in between
+    return latent_files
+
+
+def total_steps(args, batches_per_epoch):
+    """--max_train_steps, or as many optimisation steps as --num_train_epochs take."""
+    return args.max_train_steps or args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+
+
+def learning_rate(args, num_processes):
+    """--learning_rate, multiplied by accumulation × batch size × processes with --scale_lr."""
+    if not args.scale_lr:
+        return args.learning_rate
+    return args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
+
+
+def build_optimizer(params, args, lr, device):
     """AdamW (bitsandbytes' 8-bit variant with --use_8bit_adam); PyTorch's fused kernel on CUDA."""
     extra = {}
     if args.use_8bit_adam:
@@ -1854,7 +2030,7 @@ def build_optimizer(params, args, device):
     return optimizer_class(
         params,
         **extra,
-        lr=args.learning_rate,
+        lr=lr,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
@@ -1877,7 +2053,67 @@ def build_lr_scheduler(optimizer, args, max_train_steps, num_processes):
     )
 
 
-def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, device):
+def build_training(adapter, args, accelerator, max_train_steps):
+    """(adapter, optimizer, LR schedule), wrapped by accelerate (DDP, DeepSpeed, mixed precision). The
+    loader is not prepared (each process plans its own share), so DeepSpeed is told the per-GPU
+    batch here."""
+    num_processes = accelerator.num_processes
+    optimizer = build_optimizer(adapter.parameters(), args, learning_rate(args, num_processes), accelerator.device)
+    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps, num_processes)
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    return accelerator.prepare(adapter, optimizer, lr_scheduler)
+
+
+def log_run_summary(args, accelerator, train_data, batches_per_epoch, max_train_steps, seed):
+    dataset, sizes = train_data
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    if sizes is None:
+        logger.info(f"  Streamed in windows of {args.shuffle_buffer_size} samples")
+    else:
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        logger.info(f"  Num examples = {len(dataset)}")
+        logger.info(f"  Num batches each epoch = {batches_per_epoch}")
+        logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (parallel, distributed, accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimisation steps = {max_train_steps}")
+    logger.info(f"  Seed = {seed}")
+
+
+class RunHooks:
+    """Fixed points where a program that drives `main` may watch or change a run: scripts/benchmark.py
+    times each step and emulates upstream through them (tests/test_benchmark.py runs both). The
+    defaults are this trainer's own behaviour."""
+
+    def check_samples(self, dataset, args):
+        """(bad rows with their problems, each good row's image size), before training."""
+        return recorded_scan_samples(dataset, args)
+
+    def models_ready(self, components, train_data, args):
+        """Called once, when the models are loaded and placed and the data is ready."""
+
+    def encode_prompt(self, captions, components):
+        return encode_prompt(captions, components["text_encoders"], components["tokenizers"])
+
+    def training_loss(self, *loss_arguments):
+        return adapter_training_loss(*loss_arguments)
+
+    def step_done(self, step, step_loss):
+        """Called after each optimisation step."""
+
+
+def resume_from(resume_path, data_state, accelerator, train_dataloader):
+    """Restore the training state and the loader's position; returns the step to continue from."""
+    accelerator.print(f"Resuming from checkpoint {resume_path}")
+    accelerator.load_state(resume_path)
+    train_dataloader.load_state_dict(data_state["loader"])
+    return checkpoint_step(resume_path)
+
+
+def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, device, hooks):
     """Latents, text embeddings and micro-conditioning for one batch, then the adapter's loss."""
     vae = components["vae"]
     if "latent_mean" in batch:
@@ -1885,17 +2121,17 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
     else:
         latents = encode_latents(vae, batch["pixel_values"])
     captions = select_captions(batch["captions"], args.proportion_empty_prompts)
-    prompt_embeds, pooled_embeds = encode_prompt(captions, components["text_encoders"], components["tokenizers"])
-    resolution = (args.resolution, args.resolution)
-    if args.micro_conditioning:
+    prompt_embeds, pooled_embeds = hooks.encode_prompt(captions, components)
+    if uses_micro_conditioning(args):
         # The batch's own size: a bucket's, or the square resolution.
         target_sizes = torch.tensor([batch["conditioning_pixel_values"].shape[-2:]], device=device)
         real_sizes = [batch["original_sizes"].to(device), batch["crop_top_lefts"].to(device)]
         time_ids = torch.cat([*real_sizes, target_sizes.expand(len(captions), 2)], dim=1).float()
     else:
+        resolution = (args.resolution, args.resolution)
         crop = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
         time_ids = compute_time_ids(resolution, crop, resolution, len(captions), device=device)
-    return adapter_training_loss(
+    return hooks.training_loss(
         components["unet"],
         adapter,
         latents,
@@ -1906,32 +2142,6 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
         components["noise_scheduler"].config.prediction_type,
         weight_dtype,
     )
-
-
-def epoch_batches(train_dataloader, accelerator, global_step, num_update_steps_per_epoch, args):
-    """Upstream's loader, epoch after epoch from the one `global_step` is in. A resumed epoch
-    replays its shuffle order (which depends only on seed and epoch) and skips the batches
-    already trained on."""
-    first_epoch = global_step // num_update_steps_per_epoch
-    batches_to_skip = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-    for epoch in itertools.count(first_epoch):
-        train_dataloader.set_epoch(epoch)
-        if epoch == first_epoch and batches_to_skip:
-            yield from accelerator.skip_first_batches(train_dataloader, batches_to_skip)
-        else:
-            yield from train_dataloader
-
-
-def load_data_state(checkpoint, process_index):
-    """This process's position in the planned batches, saved with the checkpoint."""
-    path = data_state_path(checkpoint, process_index)
-    if not os.path.exists(path):
-        raise ValueError(
-            f"{checkpoint} holds no data position for process {process_index}: it was saved by a run with"
-            " upstream's loader or with fewer processes. Resume with the data options and process count it was"
-            " saved with."
-        )
-    return torch.load(path, weights_only=False)
 
 
 def check_step_loss(step_loss, step, skipped_steps, args):
@@ -1952,6 +2162,43 @@ def check_step_loss(step_loss, step, skipped_steps, args):
         " Lower --learning_rate, try --mixed_precision bf16 instead of fp16, or allow a few skipped steps"
         " with --skip_nonfinite_steps."
     )
+
+
+class StepLosses:
+    """The running sum of an optimisation step's micro-batch losses, and how many steps were
+    skipped for a non-finite loss."""
+
+    def __init__(self, device):
+        self.total, self.micro_steps, self.skipped = torch.zeros((), device=device), 0, 0
+
+    def add(self, loss):
+        self.total, self.micro_steps = self.total + loss.detach(), self.micro_steps + 1
+
+    def step_mean(self, accelerator):
+        """The step's loss: the mean over its micro-batches and over the processes; then a new sum."""
+        mean = accelerator.reduce(self.total / self.micro_steps, reduction="mean").item()
+        self.total, self.micro_steps = torch.zeros_like(self.total), 0
+        return mean
+
+
+def optimisation_step(loss, adapter, optimizer, lr_scheduler, accelerator, losses, global_step, args):
+    """Backward for one micro-batch. On the last micro-batch of an optimisation step, the step's
+    loss is checked before the update, gradients are clipped and the adapter updated. Returns the
+    step's loss then, and None inside an accumulation (accelerate's optimizer skips those steps)."""
+    accelerator.backward(loss)
+    losses.add(loss)
+    step_loss, update = None, True
+    if accelerator.sync_gradients:
+        step_loss = losses.step_mean(accelerator)
+        update = check_step_loss(step_loss, global_step + 1, losses.skipped, args)
+        losses.skipped += not update
+        if update:
+            accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
+    if update:
+        optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+    return step_loss
 
 
 class PreemptionHandler:
@@ -1994,207 +2241,121 @@ class PreemptionHandler:
         self.previous = {}
 
 
-def main(args):
-    adapter_config = check_inputs(args)
+def model_card_training_details(args, steps, num_processes):
+    """The run's settings worth stating on the model card."""
+    return {
+        "data": args.dataset_name or args.train_data_dir,
+        "conditioning": args.conditioning_type if args.conditioning_type != "image" else args.conditioning_image_column,
+        "optimisation steps": steps,
+        "resolution": f"{args.resolution}" + (" (aspect-ratio buckets)" if args.aspect_ratio_buckets else ""),
+        "batch size": f"{args.train_batch_size} per device × {num_processes} processes × "
+        f"{args.gradient_accumulation_steps} accumulation steps",
+        "learning rate": f"{learning_rate(args, num_processes)} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
+        "mixed precision": args.mixed_precision or "accelerate's default",
+    }
 
-    logging_dir = Path(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        # The shuffle order of each epoch depends only on (seed, epoch), so resume can replay it.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+
+def validate(components, adapter, args, accelerator, weight_dtype, step):
+    """{"step", "logs"} of a validation at `step`, or None without validation prompts."""
+    if args.validation_prompt is None:
+        return None
+    return {"step": step, "logs": run_validation(components, adapter, args, accelerator, weight_dtype, step)}
+
+
+def report_step(step, step_loss, lr_scheduler, progress_bar, accelerator, hooks):
+    """The step's loss and LR to the progress bar, the trackers and the hooks."""
+    logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+    progress_bar.update(1)
+    progress_bar.set_postfix(**logs)
+    accelerator.log(logs, step=step)
+    hooks.step_done(step, step_loss)
+
+
+def create_hub_repo(args, accelerator):
+    """The private Hub repository the adapter goes to (created at the start, as upstream), or None."""
+    if not (args.push_to_hub and accelerator.is_main_process):
+        return None
+    repo_name = args.hub_model_id or Path(args.output_dir).name
+    return create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token, private=True).repo_id
+
+
+def finish_training(accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id):
+    """The final validation (unless this step was just validated), the adapter in diffusers format,
+    the model card and the Hub upload."""
+    if not accelerator.is_main_process:
+        return
+    if image_logs is None or image_logs["step"] != global_step:
+        image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step)
+    accelerator.unwrap_model(adapter).save_pretrained(args.output_dir)
+    logs = image_logs["logs"] if image_logs else None
+    details = model_card_training_details(args, global_step, accelerator.num_processes)
+    save_model_card(
+        repo_id or Path(args.output_dir).name, logs, args.pretrained_model_name_or_path, args.output_dir, details
     )
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
-    logger.info(accelerator.state, main_process_only=False)
-    if args.seed is not None:
-        # Each process draws its own noise; DDP keeps the adapter weights in step.
-        set_seed(args.seed, device_specific=True)
+    logger.info(f"Saved the adapter to {args.output_dir}")
+    if args.push_to_hub:
+        upload_folder(**hub_upload_arguments(repo_id, args.output_dir, args.hub_token))
+
+
+def main(args, hooks=None):
+    hooks = hooks or RunHooks()
+    adapter_config = check_inputs(args)
+    accelerator = make_accelerator(args)
+    resume_path, resumed_data_state = find_resume_point(args, accelerator)
+    seed = run_seed(args, accelerator, resumed_data_state)
+    set_seed(seed, device_specific=True)  # each process its own noise; DDP keeps the adapters in step
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+    with accelerator.main_process_first():  # data first: a bad column fails before any model loads
+        train_data = load_training_data(args, seed, hooks.check_samples)
+    repo_id = create_hub_repo(args, accelerator)
 
-    # Data first: a missing column fails before any model is loaded.
-    with accelerator.main_process_first():
-        train_dataset = load_streaming_dataset(args) if args.streaming else load_train_dataset(args)
-
-    repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        repo_id = create_repo(
-            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token, private=True
-        ).repo_id
-
-    noise_scheduler, tokenizers, text_encoders, vae, unet, adapter = load_models(args, adapter_config)
-    accelerator.register_save_state_pre_hook(partial(save_adapter_hook, accelerator=accelerator))
-    accelerator.register_load_state_pre_hook(load_adapter_hook)
-
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.torch_compile:
-        # In place, so state-dict keys and the save/load hooks are unchanged.
-        unet.compile()
-        adapter.compile()
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-
-    optimizer = build_optimizer(adapter.parameters(), args, accelerator.device)
-
-    # Frozen models run in the mixed-precision dtype; SDXL's own VAE stays float32 because it
-    # overflows in fp16 (a replacement VAE, e.g. the fp16-fix one, follows the weight dtype).
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path is not None else torch.float32
-    vae.to(accelerator.device, dtype=vae_dtype)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    for text_encoder in text_encoders:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
-    sigmas_by_timestep = sigma_table(noise_scheduler).to(accelerator.device)
-
-    latent_cache_dir = None
-    if args.cache_latents:
-        latent_cache_dir = default_latent_cache_dir(args)
-        keys = latent_cache_keys(train_dataset, args.image_column, vae_fingerprint(vae), args.resolution)
-        encoded = fill_latent_cache(train_dataset, keys, vae, args, accelerator, latent_cache_dir)
-        logger.info(f"Latent cache {latent_cache_dir}: {len(keys)} images, {encoded} newly encoded on this process.")
-        train_dataset = train_dataset.add_column(LATENT_KEY_COLUMN, keys)
-        if accelerator.device.type != "cpu":
-            vae.to("cpu")  # only validation decodes now: free its GPU memory in between
-    # Planned batches are built per process and not prepared: accelerate neither shards nor
-    # skips them; their own state does (see make_planned_dataloader).
-    planned = uses_planned_batches(args)
-    if planned:
-        train_dataloader, batches_per_epoch = make_planned_dataloader(
-            train_dataset, args, accelerator.process_index, accelerator.num_processes,
-            adapter_total_downscale(adapter_config),
-        )
-    else:
-        train_dataloader = make_train_dataloader(train_dataset, args, latent_cache_dir)
-        batches_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes)
-    max_train_steps = args.max_train_steps
-    if max_train_steps is None:
-        max_train_steps = args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps, accelerator.num_processes)
-
-    if planned:
-        if accelerator.state.deepspeed_plugin is not None:
-            # DeepSpeed takes its per-GPU batch from a prepared dataloader, and this one is not prepared.
-            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-        adapter, optimizer, lr_scheduler = accelerator.prepare(adapter, optimizer, lr_scheduler)
-    else:
-        adapter, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-            adapter, optimizer, train_dataloader, lr_scheduler
-        )
-        batches_per_epoch = len(train_dataloader)
-    num_update_steps_per_epoch = None  # a stream's is unknown
-    if batches_per_epoch is not None:
-        num_update_steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-
+    components = load_models(args, adapter_config)
+    weight_dtype = set_up_models(components, args, accelerator)
+    sigmas_by_timestep = sigma_table(components["noise_scheduler"]).to(accelerator.device)
+    train_dataloader, batches_per_epoch = make_train_dataloader(
+        train_data, args, seed, accelerator.process_index, accelerator.num_processes,
+        adapter_total_downscale(adapter_config), latent_files_for(train_data, components, args, accelerator),
+    )
+    max_train_steps = total_steps(args, batches_per_epoch)
+    adapter, optimizer, lr_scheduler = build_training(components["adapter"], args, accelerator, max_train_steps)
+    hooks.models_ready(components, train_data, args)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    if args.streaming:
-        logger.info(f"  Streamed in windows of {args.shuffle_buffer_size} samples")
-    else:
-        logger.info(f"  Num examples = {len(train_dataset)}")
-        logger.info(f"  Num batches each epoch = {batches_per_epoch}")
-        logger.info(f"  Num epochs = {math.ceil(max_train_steps / num_update_steps_per_epoch)}")
-    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
-    logger.info(f"  Total train batch size (parallel, distributed, accumulation) = {total_batch_size}")
-    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
-    logger.info(f"  Total optimisation steps = {max_train_steps}")
+    log_run_summary(args, accelerator, train_data, batches_per_epoch, max_train_steps, seed)
 
     global_step = 0
-    resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and resume_path is None:
-        accelerator.print(f"Checkpoint {args.resume_from_checkpoint!r} does not exist. Starting a new training run.")
     if resume_path is not None:
-        accelerator.print(f"Resuming from checkpoint {resume_path}")
-        accelerator.load_state(resume_path)
-        global_step = checkpoint_step(resume_path)
-        if planned:
-            train_dataloader.load_state_dict(load_data_state(resume_path, accelerator.process_index))
-    if planned:
-        batches = train_dataloader
-    else:
-        batches = epoch_batches(train_dataloader, accelerator, global_step, num_update_steps_per_epoch, args)
-
-    components = {
-        "vae": vae,
-        "unet": unet,
-        "text_encoders": text_encoders,
-        "tokenizers": tokenizers,
-        "noise_scheduler": noise_scheduler,
-    }
+        global_step = resume_from(resume_path, resumed_data_state, accelerator, train_dataloader)
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    image_logs = None
-    validated_step = None
-    skipped_steps = 0
-    loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
-    preemption = PreemptionHandler()
-    for batch in batches:
+    image_logs, losses, preemption = None, StepLosses(accelerator.device), PreemptionHandler()
+    for batch in train_dataloader:
         with accelerator.accumulate(adapter):
-            loss = batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, accelerator.device)
-            accelerator.backward(loss)
-            loss_sum, micro_steps = loss_sum + loss.detach(), micro_steps + 1
-            update = True
-            if accelerator.sync_gradients:
-                # The step's loss (mean over micro-batches and processes), checked before the update.
-                step_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
-                loss_sum, micro_steps = torch.zeros_like(loss_sum), 0
-                update = check_step_loss(step_loss, global_step + 1, skipped_steps, args)
-                skipped_steps += not update
-                if update:
-                    accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
-            if update:
-                optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-        if not accelerator.sync_gradients:
+            loss = batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, accelerator.device,
+                              hooks)
+            step_loss = optimisation_step(loss, adapter, optimizer, lr_scheduler, accelerator, losses, global_step, args)
+        if step_loss is None:  # inside a gradient accumulation
             continue
-
         global_step += 1
-        progress_bar.update(1)
-        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-        progress_bar.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
-
-        data_state = train_dataloader.state_dict() if planned else None
-        saved = global_step % args.checkpointing_steps == 0
-        if saved:
+        report_step(global_step, step_loss, lr_scheduler, progress_bar, accelerator, hooks)
+        stopping = preemption.requested(accelerator)
+        if global_step % args.checkpointing_steps == 0 or stopping:
+            data_state = {"seed": seed, "loader": train_dataloader.state_dict()}
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
-        if args.validation_prompt is not None and global_step % args.validation_steps == 0:
-            if accelerator.is_main_process:
-                image_logs = run_validation(components, adapter, args, accelerator, weight_dtype, global_step)
-            validated_step = global_step
-        if preemption.requested(accelerator):
-            if not saved:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
+        if global_step % args.validation_steps == 0 and accelerator.is_main_process and not stopping:
+            image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step) or image_logs
+        if stopping:
             preemption.stop(accelerator, global_step, args.output_dir)
         if global_step >= max_train_steps:
             break
     preemption.restore()
-    if skipped_steps:
-        logger.warning(f"Skipped {skipped_steps} optimisation step(s) with a non-finite loss.")
+    if losses.skipped:
+        logger.warning(f"Skipped {losses.skipped} optimisation step(s) with a non-finite loss.")
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if args.validation_prompt is not None and validated_step != global_step:
-            image_logs = run_validation(components, adapter, args, accelerator, weight_dtype, global_step)
-        accelerator.unwrap_model(adapter).save_pretrained(args.output_dir)
-        save_model_card(repo_id or Path(args.output_dir).name, image_logs, args.pretrained_model_name_or_path, args.output_dir)
-        logger.info(f"Saved the adapter to {args.output_dir}")
-        if args.push_to_hub:
-            upload_folder(**hub_upload_arguments(repo_id, args.output_dir, args.hub_token))
+    finish_training(accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id)
     accelerator.end_training()
     return global_step
 

@@ -18,15 +18,16 @@ record of the run before).
                 utilisation. Ratios compare each row with the upstream row of its batch size.
 
 Rows of the tiny table:
-  upstream      our script with every new speed feature off, as upstream runs: no sample check, all
-                captions encoded before step 1 in float32 and stored by `datasets.map` under a hash of
-                all arguments, the UNet left trainable (its gradients computed and kept), σ found per
-                sample with a host sync, noise added in the mixed-precision dtype, the VAE run at every step.
+  upstream      our script run as upstream runs, through its hooks (`RunHooks`, see `upstream_hooks`):
+                no sample check, all captions encoded before step 1 in float32 and stored by
+                `datasets.map` under a hash of all arguments, the UNet left trainable (its gradients
+                computed and kept), σ found per sample with a host sync, noise added in the
+                mixed-precision dtype, the VAE run at every step.
   ours          the defaults: every sample checked before training (once per set of files), text
                 embeddings on the fly, frozen UNet, one gather for σ.
   ours+cache    ours with --cache_latents, the cache already filled by an earlier run.
-  ours+stream   ours with --streaming: the same data read as a `datasets` IterableDataset through
-                the planned-batch loader (not run unless named in --rows).
+  ours+stream   ours with --streaming: the same data read as a `datasets` IterableDataset (not run
+                unless named in --rows).
 
 Example: python scripts/benchmark.py --size tiny --num_samples 2048 --steps 20
 """
@@ -104,25 +105,6 @@ def folder_mb(path):
 # ----------------------------------------------------------------------------------------------
 
 
-class StepClock:
-    """Timestamps of each optimisation step, taken where the script checks the step's loss."""
-
-    def __init__(self, train):
-        self.start = time.perf_counter()
-        self.steps = []
-        check = train.check_step_loss
-
-        def timed_check(*args, **kwargs):
-            self.steps.append(time.perf_counter())
-            return check(*args, **kwargs)
-
-        train.check_step_loss = timed_check
-
-    def seconds_per_step(self, warmup):
-        gaps = [b - a for a, b in zip(self.steps[warmup:], self.steps[warmup + 1 :])]
-        return statistics.median(gaps)
-
-
 def upstream_training_loss(scheduler):
     """Upstream's step maths: noise added in the low-precision dtype by the scheduler, σ found with a
     per-sample search and host sync. Same signature as the script's adapter_training_loss."""
@@ -148,51 +130,68 @@ def upstream_training_loss(scheduler):
     return loss
 
 
-def install_upstream_behaviour(train, work_dir, report):
-    """Patch the script so it runs as upstream does (see the module docstring)."""
-    import torch
-    from datasets.fingerprint import Hasher
+def timed_hooks(train):
+    """The trainer's own behaviour, with each optimisation step's end time noted (`hooks.step_times`)."""
 
-    models = {}
-    load_models = train.load_models
+    class TimedHooks(train.RunHooks):
+        def __init__(self):
+            self.start, self.step_times = time.perf_counter(), []
 
-    def load_models_upstream(args, adapter_config):
-        loaded = load_models(args, adapter_config)
-        loaded[4].requires_grad_(True)  # upstream never freezes the UNet
-        models.update(zip(("scheduler", "tokenizers", "text_encoders", "vae", "unet", "adapter"), loaded))
-        train.adapter_training_loss = upstream_training_loss(models["scheduler"])
-        return loaded
+        def step_done(self, step, step_loss):
+            self.step_times.append(time.perf_counter())
 
-    make_dataloader = train.make_train_dataloader
+        def seconds_per_step(self, warmup):
+            gaps = [b - a for a, b in zip(self.step_times[warmup:], self.step_times[warmup + 1 :])]
+            return statistics.median(gaps)
 
-    def precompute_then_make_dataloader(dataset, args, latent_cache_dir=None):
-        # Every caption, before step 1, stored in float32 by datasets.map under a hash of all arguments.
-        def embed(batch):
-            prompt_embeds, pooled = train.encode_prompt(list(batch[args.caption_column]), models["text_encoders"],
-                                                        models["tokenizers"])
-            return {"prompt_embeds": prompt_embeds.float().cpu().numpy(), "text_embeds": pooled.float().cpu().numpy()}
+    return TimedHooks
 
-        # A fresh folder each run: upstream pays this precompute again whenever any argument changes.
-        cache_file = os.path.join(tempfile.mkdtemp(dir=work_dir), f"{Hasher.hash(vars(args))}.arrow")
-        embedded = dataset.map(embed, batched=True, batch_size=64, cache_file_name=cache_file,
-                               new_fingerprint=Hasher.hash(vars(args)))
-        report["text_cache_mb"] = os.path.getsize(cache_file) / 2**20
-        lookup = {}
-        for caption, prompt_embeds, pooled in zip(embedded[args.caption_column], embedded["prompt_embeds"],
-                                                  embedded["text_embeds"]):
-            lookup[caption] = (torch.tensor(prompt_embeds), torch.tensor(pooled))
 
-        def encode_prompt_from_cache(captions, text_encoders, tokenizers):
-            device = text_encoders[0].device
-            return (torch.stack([lookup[c][0] for c in captions]).to(device),
-                    torch.stack([lookup[c][1] for c in captions]).to(device))
+def upstream_hooks(train, work_dir):
+    """Hooks that run the trainer as upstream runs (see the module docstring); `hooks.report` gets the
+    size of the text-embedding cache."""
 
-        train.encode_prompt = encode_prompt_from_cache
-        return make_dataloader(dataset, args, latent_cache_dir)
+    class UpstreamHooks(timed_hooks(train)):
+        def __init__(self):
+            super().__init__()
+            self.report, self.embeddings, self.loss = {}, {}, None
 
-    train.load_models = load_models_upstream
-    train.make_train_dataloader = precompute_then_make_dataloader
-    train.drop_or_refuse_bad_samples = lambda dataset, args: dataset  # upstream checks no sample up front
+        def check_samples(self, dataset, args):
+            return [], [None] * len(dataset)  # upstream checks no sample; sizes matter only to buckets
+
+        def models_ready(self, components, train_data, args):
+            import torch
+            from datasets.fingerprint import Hasher
+
+            components["unet"].requires_grad_(True)  # upstream never freezes the UNet
+            self.loss = upstream_training_loss(components["noise_scheduler"])
+
+            # Every caption, before step 1, stored in float32 by datasets.map under a hash of all arguments.
+            def embed(batch):
+                prompt_embeds, pooled = train.encode_prompt(list(batch[args.caption_column]),
+                                                            components["text_encoders"], components["tokenizers"])
+                return {"prompt_embeds": prompt_embeds.float().cpu().numpy(), "text_embeds": pooled.float().cpu().numpy()}
+
+            # A fresh folder each run: upstream pays this precompute again whenever any argument changes.
+            cache_file = os.path.join(tempfile.mkdtemp(dir=work_dir), f"{Hasher.hash(vars(args))}.arrow")
+            embedded = train_data[0].map(embed, batched=True, batch_size=64, cache_file_name=cache_file,
+                                         new_fingerprint=Hasher.hash(vars(args)))
+            self.report["text_cache_mb"] = os.path.getsize(cache_file) / 2**20
+            for caption, prompt_embeds, pooled in zip(embedded[args.caption_column], embedded["prompt_embeds"],
+                                                      embedded["text_embeds"]):
+                self.embeddings[caption] = (torch.tensor(prompt_embeds), torch.tensor(pooled))
+
+        def encode_prompt(self, captions, components):
+            import torch
+
+            device = components["text_encoders"][0].device
+            return (torch.stack([self.embeddings[c][0] for c in captions]).to(device),
+                    torch.stack([self.embeddings[c][1] for c in captions]).to(device))
+
+        def training_loss(self, *loss_arguments):
+            return self.loss(*loss_arguments)
+
+    return UpstreamHooks()
 
 
 def run_tiny_row(row, options):
@@ -219,14 +218,13 @@ def run_tiny_row(row, options):
         argv += ["--cache_latents", "--latent_cache_dir", latent_dir]
     if row == "ours+stream":
         argv += ["--streaming"]
-    if row == "upstream":
-        install_upstream_behaviour(train, work, report)
-    clock = StepClock(train)
-    train.main(train.parse_args(argv))
+    hooks = upstream_hooks(train, work) if row == "upstream" else timed_hooks(train)()
+    train.main(train.parse_args(argv), hooks)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    report.update(getattr(hooks, "report", {}))
     report.update(
-        seconds_per_step=clock.seconds_per_step(options.warmup),
-        seconds_to_step_1=clock.steps[0] - clock.start,
+        seconds_per_step=hooks.seconds_per_step(options.warmup),
+        seconds_to_step_1=hooks.step_times[0] - hooks.start,
         peak_mb=peak_memory_mb(device),
         batch=batch,
     )

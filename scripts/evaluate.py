@@ -37,6 +37,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision.transforms.functional import to_tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
@@ -80,9 +81,8 @@ def held_out_samples(num_samples, resolution=64, data_seed=1):
 
 def samples_to_tensors(samples, resolution):
     """Pixel values in [-1, 1], conditions in [0, 1] (the trainer's transforms) and captions."""
-    to_target, to_condition = train.image_transform(resolution), train.conditioning_image_transform(resolution)
-    pixel_values = torch.stack([to_target(target) for target, *_ in samples])
-    conditions = torch.stack([to_condition(condition) for _, condition, *_ in samples])
+    pixel_values = torch.stack([train.to_training_pixels(train.centre_crop(target, resolution)) for target, *_ in samples])
+    conditions = torch.stack([to_tensor(train.centre_crop(condition, resolution)) for _, condition, *_ in samples])
     return pixel_values, conditions, [caption for _, _, caption, _ in samples]
 
 

@@ -133,6 +133,42 @@ def test_help_renders():
         assert f"--{dest}" in text
 
 
+def test_help_shows_every_flag_in_a_named_group():
+    """`--help` lists the flags under named groups (Models, Data, ...), none under argparse's catch-all."""
+    parser = train.build_parser()
+    catch_all = {group.title for group in parser._action_groups[:2]}  # positionals and plain options
+    grouped = {action.dest: group.title for group in parser._action_groups if group.title not in catch_all
+               for action in group._group_actions}
+    assert set(UPSTREAM_FLAGS) <= set(grouped)
+    assert {"Models", "Data", "Validation", "Hub"} <= set(grouped.values())
+    text = parser.format_help()
+    options = text[text.index("\nModels:"):]  # below the usage line
+    assert options.index("--pretrained_model_name_or_path") < options.index("Hub:") < options.index("--push_to_hub")
+
+
+@pytest.mark.parametrize("extra", [[], ["--aspect_ratio_buckets"], ["--scale_lr", "--streaming", "--max_train_steps", "5"],
+                                   ["--validation_prompt", "a", "b", "--validation_image", "x.png"]])
+def test_check_args_checks_and_changes_nothing(extra):
+    argv = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *extra]
+    assert vars(train.parse_args(argv)) == vars(train.build_parser().parse_args(argv))
+
+
+def test_the_script_reads_top_to_bottom():
+    """As its docstring says: no module-level name is used above its definition (only `main`, last, ties
+    everything together)."""
+    import ast
+
+    tree = ast.parse(open(train.__file__).read())
+    defined = {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]
+        defined.update({name: node.lineno for name in names})
+    early = sorted({(used.id, node.lineno) for node in tree.body for used in ast.walk(node)
+                    if isinstance(used, ast.Name) and defined.get(used.id, 0) > node.lineno})
+    assert early == []
+
+
 def test_minimal_upstream_command_line_parses_with_upstream_defaults():
     """parse_args(input_args=...) accepts upstream's minimal command line and fills in the defaults."""
     args = train.parse_args(input_args=list(MINIMAL))

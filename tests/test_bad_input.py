@@ -146,19 +146,6 @@ def test_adapter_that_does_not_fit_the_unet(tiny_sdxl, fill_data, tmp_path):
     assert "does not fit" in message
 
 
-def test_adapter_that_is_not_float32(tiny_sdxl, fill_data, tmp_path):
-    """A correctly shaped adapter stored in float16 is refused: the message names the flag, the folder and
-    float32."""
-    unet_channels = list(read_config(tiny_sdxl, "unet")["block_out_channels"])
-    folder = save_adapter(tmp_path / "fp16-adapter", dtype=torch.float16, in_channels=3,
-                          channels=unet_channels + unet_channels[-1:], num_res_blocks=2, downscale_factor=16,
-                          adapter_type="full_adapter_xl")
-    fails_with(
-        training_argv(tiny_sdxl, fill_data, tmp_path / "out", "--adapter_model_name_or_path", folder),
-        "--adapter_model_name_or_path", folder, "float32",
-    )
-
-
 def test_float32_adapter_with_an_fp16_variant_beside_it_is_accepted(tiny_sdxl, fill_data, tmp_path):
     """The Hub's usual layout (diffusion_pytorch_model.safetensors in float32 plus a .fp16.safetensors variant,
     e.g. TencentARC's SDXL adapters) is a float32 adapter: from_pretrained loads the float32 file, so the input

@@ -60,3 +60,48 @@ def test_an_sdxl_row_out_of_memory_is_reported_and_not_run_again(monkeypatch, tm
     table = capsys.readouterr().out
     assert "| b16-upstream (out of memory) | 16 | — |" in table
     assert "| b16 | 16 | 2.0000 | 8.0 | 70000 | 9.00 |" in table and "| 50.0% |" in table
+
+
+def test_the_upstream_row_runs_the_trainer_as_upstream_does(tiny_sdxl, fill_data, tmp_path, monkeypatch):
+    """The benchmark drives the real trainer through its hooks. The upstream row checks no sample, embeds every
+    caption before step 1 (a cache file on disk) and reads them back at each step, computes σ upstream's way
+    and leaves the UNet trainable, so the UNet gets gradients; the ours row checks the samples, encodes the
+    captions at every step with the trainer's own loss, and the UNet gets none. Both rows time every step."""
+    import os
+
+    import train_t2i_adapter_sdxl as train
+
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(tiny_sdxl, work / "tiny-sdxl")
+    os.symlink(os.path.dirname(fill_data["imagefolder"]), work / "fill")
+    options = benchmark.parse_args(["--work_dir", str(work), "--steps", "2", "--warmup", "1", "--batch_sizes", "4",
+                                    "--resolution", "64", "--mixed_precision", "no"])
+    calls, loaded = {}, []
+
+    def counted(name):
+        function = getattr(train, name)
+
+        def count_then_call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return function(*args, **kwargs)
+        monkeypatch.setattr(train, name, count_then_call)
+
+    for name in ("recorded_scan_samples", "encode_prompt", "adapter_training_loss"):
+        counted(name)
+    load_models = train.load_models
+    monkeypatch.setattr(train, "load_models", lambda *a: loaded.append(load_models(*a)) or loaded[-1])
+
+    steps = options.warmup + options.steps + 1
+    reports = {}
+    for row in ("upstream", "ours"):
+        calls.clear()
+        reports[row] = benchmark.run_tiny_row(row, options)
+        unet_has_gradients = any(p.grad is not None for p in loaded[-1]["unet"].parameters())
+        if row == "upstream":
+            assert calls == {"encode_prompt": 1}  # one batched precompute of all 32 captions, nothing after
+            assert reports[row]["text_cache_mb"] > 0 and unet_has_gradients
+        else:
+            assert calls == {"recorded_scan_samples": 1, "encode_prompt": steps, "adapter_training_loss": steps}
+            assert reports[row]["text_cache_mb"] == 0 and not unet_has_gradients
+        assert reports[row]["seconds_per_step"] > 0 and 0 < reports[row]["seconds_to_step_1"]

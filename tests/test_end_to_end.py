@@ -159,6 +159,7 @@ def test_push_to_hub_uploads_the_adapter_and_model_card(tiny_sdxl, fill_data, tm
     assert f"base_model: {tiny_sdxl}" in card and "license: creativeml-openrail-m" in card
     for tag in train.MODEL_CARD_TAGS:
         assert f"- {tag}\n" in card
+    assert "library_name: diffusers" in card and "- optimisation steps: 2\n" in card
     for i, prompt in enumerate(fill_data["validation_prompts"]):
         assert f"prompt: {prompt}" in card and f"](./images_{i}.png)" in card
     from PIL import Image
@@ -218,3 +219,24 @@ def test_tokenizer_name_is_used(tiny_sdxl, tmp_path):
     assert [t.model_max_length for t in train.load_tokenizers(args)] == [20, 20]
     args.tokenizer_name = None
     assert [t.model_max_length for t in train.load_tokenizers(args)] == [77, 77]
+
+
+def test_an_adapter_stored_in_float16_trains_in_float32(tiny_sdxl, tmp_path, fill_data, caplog):
+    """Adapters are often shared in float16. As upstream, such an adapter is loaded as float32 and trained;
+    one log line says so, and the saved adapter is float32."""
+    import logging
+
+    from diffusers import T2IAdapter
+    from safetensors import safe_open
+
+    initial = save_initial_adapter(tiny_sdxl, str(tmp_path / "initial"))
+    T2IAdapter.from_pretrained(initial).half().save_pretrained(tmp_path / "fp16")
+    with safe_open(str(tmp_path / "fp16" / "diffusion_pytorch_model.safetensors"), "pt") as weights:
+        assert {str(weights.get_slice(key).get_dtype()) for key in weights.keys()} == {"F16"}
+    with caplog.at_level(logging.INFO):
+        assert run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "out", "--max_train_steps", 2,
+                                          "--adapter_model_name_or_path", tmp_path / "fp16")) == 2
+    assert len([r for r in caplog.records if "is stored in F16; it trains in float32" in r.getMessage()]) == 1
+    trained, start = load_adapter_weights(tmp_path / "out"), load_adapter_weights(tmp_path / "fp16")
+    assert {tensor.dtype for tensor in trained.values()} == {torch.float32}
+    assert max_weight_difference(trained, start) > 1e-4

@@ -192,10 +192,10 @@ def tiny_models(tiny_sdxl, fill_data, tmp_path_factory):
     torch.manual_seed(0)
     PartialState()  # load_models logs through accelerate's logger, which needs a state (main() has one)
     try:
-        noise_scheduler, tokenizers, text_encoders, vae, unet, adapter = train.load_models(args, adapter_config)
+        components = train.load_models(args, adapter_config)
     finally:
         PartialState._reset_state()
-    return {"scheduler": noise_scheduler, "text_encoders": text_encoders, "vae": vae, "unet": unet, "adapter": adapter}
+    return {**components, "scheduler": components["noise_scheduler"]}
 
 
 def test_loss_with_real_tiny_unet_and_adapter_matches_the_reference_formula(tiny_models):

@@ -21,7 +21,7 @@ def test_center_crop_corner_matches_torchvision(height, width):
     """The crop corner given to the UNet is where torchvision's Resize + CenterCrop really crop."""
     image = Image.fromarray(np.arange(height * width, dtype=np.uint32).reshape(height, width).astype(np.float32))
     resized_width, resized_height = transforms.Resize(RESOLUTION)(image).size
-    top, left = train.center_crop_top_left(height, width, RESOLUTION)
+    top, left = train.draw_placement(height, width, (RESOLUTION, RESOLUTION)).crop_top_left()
     assert (top, left) == (round((resized_height - RESOLUTION) / 2), round((resized_width - RESOLUTION) / 2))
     assert top == 0 or left == 0
 
@@ -152,12 +152,29 @@ def test_crop_and_flip_are_identical_on_image_and_condition(target):
     assert len(corners) > 1 and 0 < flips < 12  # really random, and both ways
 
 
-def test_centre_crop_without_flags_matches_upstreams_transform():
-    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(77, 131, 3), dtype=np.uint8))
-    sample = {"image": stored_png(picture), "conditioning_image": stored_png(picture), "text": "t"}
+def upstream_transforms(resolution):
+    """Upstream's train_transforms and conditioning_image_transforms (torchvision), the reference."""
+    resize_and_crop = [transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+                       transforms.CenterCrop(resolution), transforms.ToTensor()]
+    return (transforms.Compose([*resize_and_crop, transforms.Normalize([0.5], [0.5])]),
+            transforms.Compose(resize_and_crop))
+
+
+@pytest.mark.parametrize("height,width", [(77, 131), (131, 77), (64, 64), (200, 96)])
+def test_centre_crop_without_flags_matches_upstreams_transform(height, width):
+    """With the default flags the one transform gives upstream's tensors pixel for pixel, for the
+    image and for its condition."""
+    rng = np.random.default_rng(1)
+    picture, condition = (Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+                          for _ in range(2))
+    sample = {"image": stored_png(picture), "conditioning_image": stored_png(condition), "text": "t"}
     out = pair_transform()(sample, (RESOLUTION, RESOLUTION), 0)
-    assert torch.equal(out["pixel_values"], train.image_transform(RESOLUTION)(picture))
-    assert out["crop_top_lefts"].tolist() == list(train.center_crop_top_left(77, 131, RESOLUTION))
+    to_target, to_condition = upstream_transforms(RESOLUTION)
+    assert torch.equal(out["pixel_values"], to_target(picture))
+    assert torch.equal(out["conditioning_pixel_values"], to_condition(condition))
+    resized_width, resized_height = transforms.Resize(RESOLUTION)(picture).size
+    assert out["crop_top_lefts"].tolist() == [round((resized_height - RESOLUTION) / 2),
+                                              round((resized_width - RESOLUTION) / 2)]
 
 
 def test_canny_condition_is_made_from_the_final_crop(fill_data):
@@ -273,8 +290,11 @@ def test_data_option_conflicts_are_refused(flags, message):
 
 
 def test_buckets_turn_on_micro_conditioning():
+    """--aspect_ratio_buckets implies micro-conditioning; the parsed flags are left as given."""
     args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--aspect_ratio_buckets"])
-    assert args.micro_conditioning
+    assert train.uses_micro_conditioning(args) and not args.micro_conditioning
+    plain = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"])
+    assert not train.uses_micro_conditioning(plain)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +331,7 @@ def test_each_process_streams_its_own_shards_in_a_new_order_each_epoch(fill_shar
     keys = {}
     for epoch in (0, 1):
         for rank in (0, 1):
-            batches = train.StreamingBatches(stream, None, args, rank=rank, world_size=2)
+            batches = train.StreamingBatches(stream, None, args, seed=0, rank=rank, world_size=2)
             keys[epoch, rank] = [sample["__key__"] for sample in batches.epoch_stream(epoch)]
     for epoch in (0, 1):
         assert not set(keys[epoch, 0]) & set(keys[epoch, 1])
@@ -322,7 +342,8 @@ def test_each_process_streams_its_own_shards_in_a_new_order_each_epoch(fill_shar
 def test_streaming_batches_cover_the_stream_once_per_epoch(fill_shards, monkeypatch):
     """Windows of 12 over 32 samples, batch 4: every sample exactly once in the first epoch."""
     args = streaming_args(fill_shards, shuffle_buffer_size=12, train_batch_size=4)
-    batches = train.StreamingBatches(train.load_streaming_dataset(args), lambda s, target, seed: s["__key__"], args)
+    batches = train.StreamingBatches(train.load_streaming_dataset(args), lambda s, target, seed: s["__key__"], args,
+                                     seed=0)
     monkeypatch.setattr(train, "collate_fn", list)  # the transform above gives keys: batches of keys
     epoch = []
     for batch in batches:
@@ -348,7 +369,7 @@ def test_two_processes_stream_with_buckets_and_resume(tiny_sdxl, fill_shards, tm
     flags = ["--streaming", *SHARD_COLUMNS, "--shuffle_buffer_size", 8, "--aspect_ratio_buckets",
              "--max_train_steps", 4, "--checkpointing_steps", 2]
     straight = run_two_processes(tiny_sdxl, fill_shards, tmp_path / "straight", tmp_path / "w1", *flags)
-    assert (tmp_path / "straight" / "checkpoint-4" / "data_state_1.pt").is_file()
+    assert (tmp_path / "straight" / "checkpoint-4" / "data_state_1.json").is_file()
     shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     resumed = run_two_processes(tiny_sdxl, fill_shards, tmp_path / "resumed", tmp_path / "w2", *flags,
                                 "--resume_from_checkpoint", "latest")
@@ -391,5 +412,81 @@ def test_an_image_turned_by_exif_is_checked_and_loaded_upright(image_format):
     condition = stored_png(Image.new("RGB", (64, 96)))
     assert train.inspect_sample(image, condition, "red") == (None, (96, 64))
     problem, _ = train.inspect_sample(image, stored_png(Image.new("RGB", (96, 64))), "red")
-    assert problem == "conditioning image is 96x64 but the image is 64x96"
+    assert problem.startswith("conditioning image is 96x64 but the image is 64x96: their aspect ratios differ by")
     assert train.load_upright_rgb(image).size == (64, 96)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditions stored at another size than their images
+# ----------------------------------------------------------------------------------------------
+
+
+def smooth_picture(height, width, seed=0):
+    """A smooth random picture: resizing it changes its pixels little, a misplaced crop a lot."""
+    coarse = np.random.default_rng(seed).integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("target,flags", [
+    ((64, 64), {}),
+    ((64, 64), {"random_crop": True, "random_flip": True}),
+    ((32, 128), {"random_crop": True, "random_flip": True}),
+    ((64, 64), {"argv": ["--detection_resolution", "32"]}),
+])
+@pytest.mark.parametrize("scale", [0.5, 1.0, 1.5])
+def test_a_condition_stored_at_another_size_is_placed_like_its_image(target, flags, scale):
+    """A condition stored at half, the same or 1.5 times its image's size is brought to the image's size
+    first, then cropped and flipped with it: it stays aligned with the image in every mode."""
+    picture = smooth_picture(90, 150)
+    condition = picture.resize((round(150 * scale), round(90 * scale)), Image.BILINEAR)
+    sample = {"image": stored_png(picture), "conditioning_image": stored_png(condition), "text": "t"}
+    transform = pair_transform(**flags)
+    for seed in range(6):
+        out = transform(sample, target, seed)
+        image = (out["pixel_values"] + 1) / 2
+        assert out["conditioning_pixel_values"].shape == image.shape == (3, *target)
+        difference = (out["conditioning_pixel_values"] - image).abs().mean().item()
+        if scale == 1.0 and "argv" not in flags:
+            assert difference < 1e-6  # the very same pixels
+        else:
+            assert difference < 0.02, difference
+        # A condition one tenth of the crop out of place is far off: the bound above means aligned.
+        shifted = torch.roll(image, shifts=max(target) // 10, dims=2)
+        assert (out["conditioning_pixel_values"] - shifted).abs().mean().item() > 2 * max(difference, 0.01)
+
+
+@pytest.mark.parametrize("image_size,condition_size,fits", [
+    ((1024, 768), (512, 384), True),  # a depth map at half size
+    ((1024, 683), (512, 342), True),  # rounded
+    ((1023, 767), (512, 384), True),
+    ((101, 67), (51, 34), True),
+    ((96, 64), (64, 64), False),  # a square condition for a 3:2 image
+    ((1024, 768), (768, 1024), False),  # turned a quarter
+    ((1000, 1000), (1000, 960), False),  # 4 % out of proportion
+])
+def test_the_sample_check_refuses_only_conditions_that_cannot_be_aligned(image_size, condition_size, fits):
+    image, condition = stored_png(Image.new("RGB", image_size)), stored_png(Image.new("RGB", condition_size))
+    problem, size = train.inspect_sample(image, condition, "a caption")
+    if fits:
+        assert problem is None and size == image_size[::-1]
+    else:
+        width, height = condition_size
+        assert problem.startswith(f"conditioning image is {width}x{height} but the image is"), problem
+        assert "cannot be aligned" in problem
+
+
+def half_size_condition_folder(fill_data, folder):
+    """The fill samples with every condition stored at half size (32×32 for 64×64 images)."""
+    source = Path(fill_data["imagefolder"])
+    shutil.copytree(source, folder)
+    for path in (folder / "train" / "conditioning_images").iterdir():
+        Image.open(path).resize((32, 32), Image.BILINEAR).save(path)
+    return {"imagefolder": folder}
+
+
+@pytest.mark.parametrize("flags", [[], ["--aspect_ratio_buckets", "--random_crop", "--random_flip"]])
+def test_training_on_conditions_stored_at_half_size(tiny_sdxl, fill_data, tmp_path, flags):
+    """Upstream trains on conditions stored at half size; so does this trainer, without dropping a sample."""
+    data = half_size_condition_folder(fill_data, tmp_path / "half")
+    assert run_training(training_argv(tiny_sdxl, data, tmp_path / "out", "--max_train_steps", 2, *flags)) == 2
+    assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").is_file()

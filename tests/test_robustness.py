@@ -182,11 +182,13 @@ def corrupt_image(folder, rows, row):
     path.write_bytes(path.read_bytes()[:60])
 
 
-def shrink_condition(folder, rows, row):
+def squash_condition(folder, rows, row):
+    """A 64×40 condition for a 64×64 image: no resize can align the two (another size in the same
+    aspect ratio is fine, see test_real_world_data)."""
     from PIL import Image
 
     path = folder / "train" / rows[row]["conditioning_image_file_name"]
-    Image.open(path).resize((32, 32)).save(path)
+    Image.open(path).resize((64, 40)).save(path)
 
 
 def drop_caption(folder, rows, row):
@@ -195,7 +197,9 @@ def drop_caption(folder, rows, row):
 
 BAD_SAMPLES = {
     "corrupt image": (corrupt_image, r"row 5: unreadable image"),
-    "condition of another size": (shrink_condition, r"row 5: conditioning image is 32x32 but the image is 64x64"),
+    "condition of another aspect ratio": (squash_condition, r"row 5: conditioning image is 64x40 but the image is"
+                                                            r" 64x64: their aspect ratios differ by 60%, so the"
+                                                            r" condition cannot be aligned with the image"),
     "missing caption": (drop_caption, r"row 5: missing caption \(None\)"),
 }
 
@@ -239,22 +243,22 @@ def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sd
     opened = []
     monkeypatch.setattr(train, "inspect_sample", lambda *sample: opened.append(sample) or inspect_sample(*sample))
 
-    first = train.load_train_dataset(args)
+    first, first_sizes = train.load_train_dataset(args, seed=0)
     assert len(opened) == 32
     assert len(list((tmp_path / "cache").rglob("t2i_sample_check-*.json"))) == 1
-    second = train.load_train_dataset(args)
+    second, second_sizes = train.load_train_dataset(args, seed=0)
     assert len(opened) == 32
     assert list(second["text"]) == list(first["text"])
-    assert list(second[train.SIZE_COLUMN]) == list(first[train.SIZE_COLUMN]) == [[64, 64]] * 32
+    assert second_sizes == first_sizes == [(64, 64)] * 32
 
     monkeypatch.setattr(train, "SAMPLE_CHECK_RULES", train.SAMPLE_CHECK_RULES + 1)
-    train.load_train_dataset(args)
+    train.load_train_dataset(args, seed=0)
     assert len(opened) == 64
 
     image = folder / "train" / "images" / "00003.png"
     image.write_bytes(image.read_bytes()[:60])
     with pytest.raises(ValueError, match=r"1 bad training sample\(s\).*unreadable image"):
-        train.load_train_dataset(args)
+        train.load_train_dataset(args, seed=0)
     assert len(opened) == 96
 
 
@@ -288,9 +292,16 @@ def test_an_empty_dataset_is_refused(tiny_sdxl, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def run_two_processes(tiny_sdxl, fill_data, output_dir, weights_dir, *flags):
+def without_seed(argv):
+    """The command line without its --seed (upstream's default)."""
+    index = argv.index("--seed")
+    return argv[:index] + argv[index + 2:]
+
+
+def run_two_processes(tiny_sdxl, fill_data, output_dir, weights_dir, *flags, seeded=True):
     os.makedirs(weights_dir, exist_ok=True)
     argv = training_argv(tiny_sdxl, fill_data, output_dir, *flags)
+    argv = argv if seeded else without_seed(argv)
     argv[argv.index("--report_to") + 1] = "tensorboard"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "RANK_WEIGHTS_DIR": str(weights_dir), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -304,6 +315,8 @@ def run_two_processes(tiny_sdxl, fill_data, output_dir, weights_dir, *flags):
         checked, read = result.stderr.count("Checked all 32 samples"), result.stderr.count("Read the sample check")
         assert checked <= 1 and checked + read == 2, (checked, read)
     ranks = [load_adapter_weights_file(weights_dir / f"rank{rank}.safetensors") for rank in (0, 1)]
+    if not seeded:  # the main process drew the seed and said so, once
+        assert len(re.findall(r"No --seed given: this run's seed is \d+", result.stderr)) == 1
     assert max_weight_difference(*ranks) == 0, "the two ranks hold different adapters"
     return ranks[0]
 
@@ -333,3 +346,40 @@ def test_two_processes_train_checkpoint_resume_and_agree(tiny_sdxl, fill_data, t
     resumed = run_two_processes(tiny_sdxl, fill_data, tmp_path / "resumed", tmp_path / "w2", *flags,
                                 "--resume_from_checkpoint", "latest")
     assert max_weight_difference(straight, resumed) == 0
+
+
+def test_two_processes_without_seed_give_each_sample_to_exactly_one_rank(tiny_sdxl, fill_data, tmp_path):
+    """No --seed on 2 processes: the main process draws the seed and gives it to the other, so every epoch
+    gives each of the 32 samples to exactly one rank (with a shuffle of its own per rank, one epoch saw 46 of
+    64). The seed is stored in each rank's checkpoint."""
+    weights = tmp_path / "w"
+    # 32 samples, batch 4, 2 ranks: 4 steps an epoch; 8 steps are 2 epochs.
+    run_two_processes(tiny_sdxl, fill_data, tmp_path / "out", weights, "--max_train_steps", 8,
+                      "--checkpointing_steps", 8, seeded=False)
+    rows = [json.loads((weights / f"rank{rank}-rows.json").read_text()) for rank in (0, 1)]
+    assert [len(r) for r in rows] == [32, 32]
+    epochs = [[r[epoch * 16:(epoch + 1) * 16] for r in rows] for epoch in (0, 1)]
+    for first_rank, second_rank in epochs:
+        assert not set(first_rank) & set(second_rank)
+        assert sorted(first_rank + second_rank) == list(range(32))
+    assert epochs[0] != epochs[1]  # a new shuffle each epoch
+    seeds = {json.loads((tmp_path / "out" / "checkpoint-8" / f"data_state_{rank}.json").read_text())["seed"]
+             for rank in (0, 1)}
+    assert len(seeds) == 1
+
+
+def test_resume_without_seed_is_exact(tiny_sdxl, fill_data, tmp_path):
+    """Without --seed the run draws one, stores it in its checkpoints and a resumed run uses it: the shuffle,
+    the per-sample randomness and the noise all continue, and the result is the straight run's bit for bit.
+    Two launches without --seed draw different seeds."""
+    flags = ["--max_train_steps", 7, "--checkpointing_steps", 3, "--random_flip"]
+    run_training(without_seed(training_argv(tiny_sdxl, fill_data, tmp_path / "straight", *flags)))
+    copy_checkpoints(tmp_path / "straight", tmp_path / "resumed", ["checkpoint-3"])
+    assert run_training(without_seed(training_argv(tiny_sdxl, fill_data, tmp_path / "resumed", *flags,
+                                                   "--resume_from_checkpoint", "latest"))) == 7
+    assert max_weight_difference(load_adapter_weights(tmp_path / "straight"),
+                                 load_adapter_weights(tmp_path / "resumed")) == 0
+    run_training(without_seed(training_argv(tiny_sdxl, fill_data, tmp_path / "other", *flags)))
+    seeds = [json.loads((tmp_path / name / "checkpoint-6" / "data_state_0.json").read_text())["seed"]
+             for name in ("straight", "other")]
+    assert seeds[0] != seeds[1]

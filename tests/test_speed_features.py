@@ -1,9 +1,12 @@
 """Speed features keep upstream's maths: the latent cache, and what the trainer does instead of
 upstream's full-dataset text-embedding precompute."""
 
+import json
+
 import pytest
 import torch
 from accelerate import PartialState
+from torchvision.transforms.functional import to_tensor
 
 import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv
@@ -16,9 +19,7 @@ def tiny_models(tiny_sdxl, fill_data):
     adapter_config = train.check_inputs(args)
     PartialState()  # accelerate's logger needs its state
     torch.manual_seed(0)
-    scheduler, tokenizers, text_encoders, vae, unet, adapter = train.load_models(args, adapter_config)
-    return {"args": args, "scheduler": scheduler, "tokenizers": tokenizers, "text_encoders": text_encoders,
-            "vae": vae, "unet": unet, "adapter": adapter}
+    return {"args": args, **train.load_models(args, adapter_config)}
 
 
 def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_data, tmp_path):
@@ -27,14 +28,14 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
     from accelerate import Accelerator
 
     m = tiny_models
-    dataset = train.load_train_dataset(m["args"]).select(range(4))
+    dataset = train.load_train_dataset(m["args"], seed=0)[0].select(range(4))
     keys = train.latent_cache_keys(dataset, "image", train.vae_fingerprint(m["vae"]), RESOLUTION)
     assert train.fill_latent_cache(dataset, keys, m["vae"], m["args"], Accelerator(cpu=True), str(tmp_path)) == 4
-    cached = [train.load_cached_latents(str(tmp_path), key) for key in keys]
+    cached = [train.load_cached_latents(train.latent_cache_path(str(tmp_path), key)) for key in keys]
     assert cached[0]["mean"].dtype == torch.float16
 
-    to_target = train.image_transform(RESOLUTION)
-    pixels = torch.stack([to_target(image.convert("RGB")) for image in dataset["image"]])
+    pixels = torch.stack([train.to_training_pixels(train.centre_crop(image.convert("RGB"), RESOLUTION))
+                          for image in dataset["image"]])
     torch.manual_seed(7)
     fresh = train.encode_latents(m["vae"], pixels)
     torch.manual_seed(7)
@@ -42,14 +43,14 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
                                              torch.stack([c["std"] for c in cached]), m["vae"].config.scaling_factor)
     assert torch.allclose(fresh, from_cache, atol=2e-3)
 
-    conditions = torch.stack([train.conditioning_image_transform(RESOLUTION)(i.convert("RGB"))
+    conditions = torch.stack([to_tensor(train.centre_crop(i.convert("RGB"), RESOLUTION))
                               for i in dataset["conditioning_image"]])
     prompt_embeds, pooled = train.encode_prompt(list(dataset["text"]), m["text_encoders"], m["tokenizers"])
     time_ids = train.compute_time_ids((RESOLUTION, RESOLUTION), (0, 0), (RESOLUTION, RESOLUTION), 4)
     noise, timesteps = torch.randn_like(fresh), torch.tensor([10, 300, 600, 990])
     losses = [
         train.adapter_training_loss(m["unet"], m["adapter"], latents, conditions, prompt_embeds,
-                                    {"text_embeds": pooled, "time_ids": time_ids}, train.sigma_table(m["scheduler"]),
+                                    {"text_embeds": pooled, "time_ids": time_ids}, train.sigma_table(m["noise_scheduler"]),
                                     "epsilon", torch.float32, noise=noise, timesteps=timesteps).item()
         for latents in (fresh, from_cache)
     ]
@@ -58,7 +59,7 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
 
 def test_latent_cache_keys_follow_image_content_vae_and_resolution(tiny_models, fill_data):
     m = tiny_models
-    dataset = train.load_train_dataset(m["args"]).select(range(3))
+    dataset = train.load_train_dataset(m["args"], seed=0)[0].select(range(3))
     vae_id = train.vae_fingerprint(m["vae"])
     keys = train.latent_cache_keys(dataset, "image", vae_id, RESOLUTION)
     assert len(set(keys)) == 3
@@ -102,32 +103,69 @@ def test_torch_compile_flag_trains(tiny_sdxl, fill_data, tmp_path):
     T2IAdapter.from_pretrained(tmp_path / "checkpoint-2" / train.ADAPTER_SUBFOLDER)
 
 
-def test_a_local_dataset_loads_the_same_with_each_folder_listed_once(tmp_path, monkeypatch):
-    """`datasets` finds an imagefolder's splits by globbing dozens of patterns over the whole folder.
-    With the listing reused it finds the same splits and rows, and lists each folder once."""
-    from datasets import load_dataset
-    from fsspec.implementations.local import LocalFileSystem
+def write_imagefolder(folder, count, prefix=""):
     from PIL import Image
 
-    for split, count in (("train", 5), ("test", 2)):
-        folder = tmp_path / "data" / split
-        folder.mkdir(parents=True)
-        lines = []
-        for i in range(count):
-            Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
-            lines.append(f'{{"file_name": "{i}.png", "text": "{split} {i}"}}\n')
-        (folder / "metadata.jsonl").write_text("".join(lines))
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "conditioning_images").mkdir(exist_ok=True)
+    lines = []
+    for i in range(count):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / "images" / f"{i}.png")
+        Image.new("RGB", (8, 8), (0, i, 0)).save(folder / "conditioning_images" / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"images/{i}.png", "conditioning_image_file_name": f"conditioning_images/{i}.png",
+                                 "text": f"{prefix}{i}"}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines))
 
-    listed = []
-    list_folder = LocalFileSystem.ls
-    monkeypatch.setattr(LocalFileSystem, "ls", lambda self, path, *a, **k: listed.append(path) or list_folder(self, path, *a, **k))
-    counting = LocalFileSystem.ls
-    plain = load_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
-    plain_listings = len(listed)
-    listed.clear()
-    with train.each_local_folder_listed_once():
-        once = load_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
-    assert LocalFileSystem.ls is counting  # put back as it was
-    assert {split: sorted(once[split]["text"]) for split in once} == {split: sorted(plain[split]["text"]) for split in plain}
-    assert sorted(once) == ["test", "train"]
-    assert len(listed) == len(set(listed)) < plain_listings / 5
+
+def split_folders(root):
+    write_imagefolder(root / "train", 5, "train ")
+    write_imagefolder(root / "test", 2, "test ")
+
+
+def flat_imagefolder(root):
+    write_imagefolder(root, 4)
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "metadata.jsonl").write_text("not json")
+
+
+def parquet_folder(root):
+    from datasets import Dataset
+
+    (root / "data").mkdir(parents=True)
+    Dataset.from_dict({"text": ["a", "b"]}).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    Dataset.from_dict({"text": ["c"]}).to_parquet(str(root / "data" / "test-00000-of-00001.parquet"))
+
+
+def splits_named_by_file(root):
+    root.mkdir(parents=True)
+    (root / "train.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (root / "validation.jsonl").write_text('{"text": "c"}\n')
+
+
+def a_readme_beside(root):
+    flat_imagefolder(root)
+    (root / "README.md").write_text("A dataset card.")
+
+
+@pytest.mark.parametrize("layout,expected_splits", [
+    (split_folders, ["test", "train"]), (flat_imagefolder, ["train"]), (parquet_folder, None),
+    (splits_named_by_file, None), (a_readme_beside, None),
+])
+def test_a_local_imagefolder_listed_once_loads_as_datasets_finds_it(tmp_path, layout, expected_splits):
+    """A local imagefolder is opened from the files of one listing, much faster than `datasets`' own search
+    (see local_imagefolder_files), with the same splits, columns and rows. Anything else, or a folder that
+    names its splits otherwise, is left to `datasets`."""
+    from datasets import load_dataset
+
+    layout(tmp_path / "data")
+    files = train.local_imagefolder_files(str(tmp_path / "data"))
+    assert (sorted(files) if files else None) == expected_splits
+    args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", str(tmp_path / "data"),
+                             "--cache_dir", str(tmp_path / "a")])
+    opened = train.open_dataset(str(tmp_path / "data"), args)
+    plain = load_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "b"))
+    assert sorted(opened) == sorted(plain)
+    for split in plain:
+        assert opened[split].features == plain[split].features
+        assert sorted(opened[split]["text"]) == sorted(plain[split]["text"])
+    assert train.local_imagefolder_files("stabilityai/stable-diffusion-xl-base-1.0") is None

@@ -103,12 +103,34 @@ def test_model_card_metadata_and_grids(tmp_path):
     assert body.index("prompt number 0") < body.index("images_0.png") < body.index("prompt number 1")
 
 
+def test_model_card_has_upstreams_library_name_and_template_sections(tmp_path):
+    """Upstream's card (diffusers' training template) says `library_name: diffusers` and has sections on use,
+    limitations and training; ours fills them in: a snippet that is valid Python and loads this adapter on
+    this base, and the run's settings, after the grids."""
+    import ast
+
+    image_logs = [{"validation_image": solid((0, 0, 0), (4, 4)), "images": [solid((9, 9, 9), (4, 4))],
+                   "validation_prompt": "a prompt"}]
+    details = {"optimisation steps": 123, "resolution": 1024}
+    train.save_model_card("me/my-adapter", image_logs, "base/sdxl-model", str(tmp_path), details)
+    metadata, body = front_matter((tmp_path / "README.md").read_text())
+    assert metadata["library_name"] == "diffusers"
+    sections = ["## Intended uses & limitations", "#### How to use", "#### Limitations and bias", "## Training details"]
+    positions = [body.index(section) for section in sections]
+    assert body.index("images_0.png") < positions[0] and positions == sorted(positions)
+    snippet = body.split("```python\n")[1].split("```")[0]
+    ast.parse(snippet)
+    assert 'T2IAdapter.from_pretrained("me/my-adapter")' in snippet and '"base/sdxl-model"' in snippet
+    assert "- optimisation steps: 123\n" in body and "- resolution: 1024\n" in body
+
+
 def test_model_card_without_validation(tmp_path):
     """Without validation images the card still has its metadata, and no grid is written."""
     train.save_model_card("me/my-adapter", None, "base/sdxl-model", str(tmp_path))
     with open(tmp_path / "README.md") as f:
         metadata, _ = front_matter(f.read())
     assert metadata["license"] == "creativeml-openrail-m" and set(TAGS) <= set(metadata["tags"])
+    assert metadata["library_name"] == "diffusers"
     assert not [name for name in os.listdir(tmp_path) if name.startswith("images_")]
 
 
