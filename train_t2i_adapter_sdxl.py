@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import threading
 import typing
 from functools import partial
@@ -44,10 +45,20 @@ logger = get_logger(__name__)
 
 SDXL_DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 EXIF_ORIENTATION = 0x0112  # the EXIF tag datasets applies when it decodes an image
-SAMPLE_CHECK_RULES = 1  # part of each sample-check record's key: raise it when inspect_sample's rules change
+SAMPLE_CHECK_RULES = 2  # part of each sample-check record's key: raise it when inspect_sample's rules change
 ADAPTER_SUBFOLDER = "t2iadapter"  # where a checkpoint keeps the adapter in diffusers format
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+CONDITION_MADE_ON_THE_FLY = "made on the fly"  # a sample's condition with --conditioning_type canny
+LOCK_FILE = ".t2i-adapter-training.lock"  # in --output_dir while a run holds it: who holds it
+FINISHED_FILE = "training_finished.json"  # in --output_dir once the final adapter is saved: its step
 DATA_STATE_FILE = "data_state_{}.json"  # each process's loader position and the run's seed, in a checkpoint
+# What a resume on process {} reads from a checkpoint, in every mode (accelerate's names and ours), and
+# what it reads when it is there (DeepSpeed keeps the optimizer in its own files).
+CHECKPOINT_FILES = (
+    "random_states_{}.pkl", DATA_STATE_FILE,
+    os.path.join(ADAPTER_SUBFOLDER, "config.json"), os.path.join(ADAPTER_SUBFOLDER, "diffusion_pytorch_model.safetensors"),
+)
+CHECKPOINT_FILES_IF_THERE = ("optimizer.bin", "scheduler.bin")
 CONDITION_STRETCH_TOLERANCE = 0.01  # a condition stored at another size may be this much out of proportion
 CANNY_LOW_RANGE = (50, 150)  # random canny thresholds: low in this range,
 CANNY_GAP_RANGE = (50, 150)  # high = low + a gap in this range
@@ -56,6 +67,18 @@ SPLIT_FOLDERS = ("train", "test", "validation")  # a local folder's split folder
 # A split's name as `datasets` finds it in a file's path; a folder with one elsewhere is left to `datasets`.
 SPLIT_WORD = re.compile(r"(^|[-._ /])(train|training|test|testing|eval|evaluation|valid|validation|dev)([-._ /0-9]|$)")
 LATENT_CACHE_VERSION = "1"  # part of each cached latent's key: bump when the centre crop's pixels change
+CONFIG_KEYS = {  # what the input checks read of each model's config
+    "UNet2DConditionModel": ("block_out_channels", "down_block_types"),
+    "AutoencoderKL": ("block_out_channels",),
+    "T2IAdapter": ("channels", "downscale_factor", "adapter_type"),
+}
+RESUME_SETTINGS = (  # flags whose change breaks an exact resume (with the learning rate, processes and data)
+    "train_batch_size", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
+    "lr_power", "resolution", "detection_resolution", "micro_conditioning", "random_crop", "random_flip",
+    "aspect_ratio_buckets", "conditioning_type", "max_train_samples", "proportion_empty_prompts", "streaming",
+    "shuffle_buffer_size", "image_column", "conditioning_image_column", "caption_column", "cache_latents",
+)
+MAX_RESOLUTION = 8192  # a --resolution above it is a typo: SDXL trains at 1024
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -408,6 +431,10 @@ def check_args(args):
         raise ValueError("`--validation_prompt` must be set if `--validation_image` is set.")
     if args.validation_prompt is not None:
         pair_validation_inputs(args.validation_prompt, args.validation_image)
+    if not 0 < args.resolution <= MAX_RESOLUTION:
+        raise ValueError(f"`--resolution` must be in 1..{MAX_RESOLUTION}, got {args.resolution}.")
+    if not args.learning_rate > 0:
+        raise ValueError(f"`--learning_rate` must be above 0, got {args.learning_rate}.")
     if args.resolution % 8 != 0:
         raise ValueError(
             f"`--resolution` must be divisible by 8 so that VAE latents and adapter features line up, got {args.resolution}."
@@ -420,6 +447,7 @@ def check_args(args):
         "checkpointing_steps",
         "validation_steps",
         "num_validation_images",
+        "num_train_epochs",
     ):
         if getattr(args, flag) < 1:
             raise ValueError(f"`--{flag}` must be at least 1, got {getattr(args, flag)}.")
@@ -493,9 +521,23 @@ def check_image_file(flag, path):
         raise ValueError(f"`{flag}` {path!r} is not a readable image ({error}).") from None
 
 
-def load_model_config(model_class, location, subfolder, args):
-    """Read only a model's config.json (no weights)."""
-    return model_class.load_config(location, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
+def load_model_config(model_class, location, subfolder, args, flag):
+    """Read only a model's config.json (no weights), and make sure it is a `model_class`'s config with
+    the keys training reads (CONFIG_KEYS): a UNet given as the adapter, or an adapter as the base, is
+    named as such."""
+    where = f"{location}/{subfolder}" if subfolder else location
+    try:
+        config = dict(
+            model_class.load_config(location, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
+        )
+    except Exception as error:
+        raise ValueError(f"`{flag}` {location!r}: no {model_class.__name__} config found in {where} ({error}).") from None
+    found = config.get("_class_name", model_class.__name__)
+    missing = [key for key in CONFIG_KEYS[model_class.__name__] if key not in config]
+    if found != model_class.__name__ or missing:
+        lacking = f" (it has no {', '.join(missing)})" if missing else ""
+        raise ValueError(f"`{flag}` {location!r}: {where} holds a {found} config, not a {model_class.__name__}'s{lacking}.")
+    return config
 
 
 def safetensors_dtypes(folder):
@@ -638,15 +680,20 @@ def check_inputs(args):
         except ImportError:
             raise ValueError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`.") from None
 
-    unet_config = load_model_config(UNet2DConditionModel, args.pretrained_model_name_or_path, "unet", args)
+    base, base_flag = args.pretrained_model_name_or_path, "--pretrained_model_name_or_path"
+    unet_config = load_model_config(UNet2DConditionModel, base, "unet", args, base_flag)
     if args.pretrained_vae_model_name_or_path is None:
-        vae_config = load_model_config(AutoencoderKL, args.pretrained_model_name_or_path, "vae", args)
+        vae_config = load_model_config(AutoencoderKL, base, "vae", args, base_flag)
     else:
-        vae_config = load_model_config(AutoencoderKL, args.pretrained_vae_model_name_or_path, None, args)
+        vae_config = load_model_config(
+            AutoencoderKL, args.pretrained_vae_model_name_or_path, None, args, "--pretrained_vae_model_name_or_path"
+        )
     if args.adapter_model_name_or_path is None:
         adapter_config = derive_adapter_config(unet_config, vae_config)
     else:
-        adapter_config = dict(load_model_config(T2IAdapter, args.adapter_model_name_or_path, None, args))
+        adapter_config = load_model_config(
+            T2IAdapter, args.adapter_model_name_or_path, None, args, "--adapter_model_name_or_path"
+        )
     check_adapter_fits(adapter_config, unet_config, vae_config, args.resolution)
     return adapter_config
 
@@ -773,9 +820,23 @@ def verified_upright_size(image):
     return size
 
 
+def to_rgb(image):
+    """An image in 8-bit RGB. 16-bit and 32-bit integer images (depth maps are often 16-bit PNGs) are
+    scaled by their bit depth, and float images taken as [0, 1] (by their maximum when it is above
+    1): Pillow's own convert clips them to 255, which turns most of them white."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return image.convert("RGB")
+    pixels = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        scale = max(1.0, pixels.max())
+    else:  # Pillow opens a 16-bit PNG as I;16 or, in older versions, as I
+        scale = 2**16 - 1 if image.mode.startswith("I;16") or pixels.max() < 2**16 else 2**31 - 1
+    return Image.fromarray(np.clip(np.round(pixels / scale * 255), 0, 255).astype(np.uint8)).convert("RGB")
+
+
 def load_upright_rgb(value):
-    """A stored image decoded as `datasets` decodes it (EXIF orientation applied), in RGB."""
-    return ImageOps.exif_transpose(open_stored_image(value)).convert("RGB")
+    """A stored image decoded as `datasets` decodes it (EXIF orientation applied), in 8-bit RGB."""
+    return to_rgb(ImageOps.exif_transpose(open_stored_image(value)))
 
 
 def condition_stretch(image_size, condition_size):
@@ -797,10 +858,14 @@ def condition_fits(image_size, condition_size):
 def inspect_sample(image, conditioning_image, caption):
     """(problem, (height, width)) of a stored sample: why it cannot be trained on (None when it
     can) and the image's size. Reads image headers and checks their data without decoding the
-    pixels. `conditioning_image` is None when conditions are made on the fly."""
+    pixels. `conditioning_image` is CONDITION_MADE_ON_THE_FLY with --conditioning_type canny."""
     sizes = []
-    stored = [("image", image)] + ([("conditioning image", conditioning_image)] if conditioning_image is not None else [])
+    stored = [("image", image)]
+    if conditioning_image is not CONDITION_MADE_ON_THE_FLY:
+        stored.append(("conditioning image", conditioning_image))
     for name, value in stored:
+        if value is None:
+            return f"missing {name}", None
         try:
             with open_stored_image(value) as opened:
                 sizes.append(verified_upright_size(opened))
@@ -820,9 +885,12 @@ def inspect_sample(image, conditioning_image, caption):
 
 
 def stored_sample(sample, args):
-    """(image, conditioning image or None, caption) of an undecoded sample."""
-    condition = sample[args.conditioning_image_column] if args.conditioning_type == "image" else None
-    return sample[args.image_column], condition, sample[args.caption_column]
+    """(image, conditioning image, caption) of an undecoded sample; None for what it lacks."""
+    if args.conditioning_type == "image":
+        condition = sample.get(args.conditioning_image_column)
+    else:
+        condition = CONDITION_MADE_ON_THE_FLY
+    return sample.get(args.image_column), condition, sample.get(args.caption_column)
 
 
 def scan_samples(dataset, args):
@@ -837,6 +905,10 @@ def scan_samples(dataset, args):
                 f"`--{flag}` column {column!r} holds {dataset.features[column]}, not images."
                 " (An imagefolder's metadata.jsonl must name it with the '_file_name' suffix.)"
             )
+    caption_feature = dataset.features[args.caption_column]
+    caption_type = getattr(caption_feature, "dtype", None) or getattr(getattr(caption_feature, "feature", None), "dtype", None)
+    if caption_type not in ("string", "large_string"):
+        raise ValueError(f"`--caption_column` column {args.caption_column!r} holds {caption_feature}, not text.")
     stored = undecoded_images(dataset.select_columns(list(columns.values())), args)
     bad, sizes = [], []
     for row, sample in enumerate(stored):
@@ -1351,13 +1423,23 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         self.state = copy.deepcopy(state)
 
 
+def leave_stop_signals_to_the_main_process(worker_id):
+    """DataLoader workers ignore SIGTERM and SIGINT. A cluster's preemption (scancel, pod eviction) and
+    Ctrl-C signal the whole process group; a worker that died of it would end the run before the main
+    process saves its checkpoint. The main process stops the workers when it exits."""
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
 def loader_options(args, seed):
-    """DataLoader settings: workers, pinned memory on CUDA, and a generator of its own, so that
-    creating an iterator never draws from the global torch RNG (a resumed run, which creates its
-    iterator at another moment, would otherwise draw other noise than the uninterrupted run)."""
+    """DataLoader settings: workers that leave stop signals to the main process, pinned memory on CUDA,
+    and a generator of its own, so that creating an iterator never draws from the global torch RNG (a
+    resumed run, which creates its iterator at another moment, would otherwise draw other noise than
+    the uninterrupted run)."""
     return {
         "num_workers": args.dataloader_num_workers,
         "persistent_workers": args.dataloader_num_workers > 0,
+        "worker_init_fn": leave_stop_signals_to_the_main_process,
         "pin_memory": torch.cuda.is_available(),
         "generator": torch.Generator().manual_seed(seed),
     }
@@ -1690,21 +1772,115 @@ def load_data_state(checkpoint, process_index):
         return json.load(f)
 
 
+def checkpoint_problems(checkpoint, process_index, read=False):
+    """What is wrong with the files a resume on this process reads from `checkpoint`: each missing or
+    empty one, and with `read` each that cannot be read as plain data (no code runs: tensors only,
+    JSON). Empty when the checkpoint is complete."""
+    from accelerate.utils import load
+    from safetensors import safe_open
+
+    problems = []
+    names = [name.format(process_index) for name in CHECKPOINT_FILES]
+    names += [name for name in CHECKPOINT_FILES_IF_THERE if os.path.exists(os.path.join(checkpoint, name))]
+    for name in names:
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            problems.append(f"{name} is {'empty' if os.path.isfile(path) else 'missing'}")
+        elif read and name.endswith(".json"):
+            try:
+                with open(path) as f:
+                    json.load(f)
+            except ValueError as error:
+                problems.append(f"{name} is not readable JSON ({error})")
+        elif read and name.endswith(".safetensors"):
+            try:
+                with safe_open(path, framework="pt"):  # reads and checks the header only
+                    pass
+            except Exception as error:
+                problems.append(f"{name} is not readable safetensors ({str(error)[:200]})")
+        elif read and name.endswith((".bin", ".pkl")):
+            try:
+                load(path, map_location="cpu")  # weights_only: a planted pickle does not run
+            except Exception as error:
+                problems.append(f"{name} is unreadable ({type(error).__name__}: {str(error)[:200]})")
+    return problems
+
+
+def finished_step(output_dir):
+    """The step at which a run in `output_dir` finished (its final adapter saved), or None."""
+    path = os.path.join(output_dir, FINISHED_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["step"]
+
+
 def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
-    """The checkpoint folder to resume from, or None (with a message) when there is none."""
+    """The checkpoint folder to resume from, or None for a new run: without the flag, or with 'latest'
+    before any checkpoint exists (as upstream, so that one command serves the first launch and every
+    requeue). A new run refuses a folder that holds checkpoints, and a named checkpoint must exist."""
+    checkpoints = list_checkpoints(output_dir)
+    names = ", ".join(os.path.basename(path) for path in checkpoints)
     if resume_from_checkpoint is None:
+        earlier = f"checkpoints of an earlier run ({names})" if checkpoints else "a finished run"
+        if checkpoints or finished_step(output_dir) is not None:
+            raise ValueError(
+                f"`--output_dir` {output_dir!r} already holds {earlier}. Resume it with `--resume_from_checkpoint"
+                " latest`, or start the new run in another `--output_dir`."
+            )
         return None
     if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        for path in reversed(checkpoints):  # the newest complete one
+            problems = checkpoint_problems(path, process_index=0)
+            if not problems:
+                return path
+            logger.warning(f"Skipping {path}, which is incomplete: {'; '.join(problems)}.")
+        return None
     if os.path.isdir(resume_from_checkpoint):
         path = resume_from_checkpoint
     else:
         path = os.path.join(output_dir, os.path.basename(os.path.normpath(resume_from_checkpoint)))
     if not os.path.isdir(path):
-        return None
+        raise ValueError(
+            f"`--resume_from_checkpoint` {resume_from_checkpoint!r}: there is no such checkpoint ({path})."
+            f" Checkpoints in {output_dir}: {names or 'none'}. Pass one of them or 'latest'."
+        )
     checkpoint_step(path)
     return path
+
+
+def lock_output_dir(output_dir):
+    """An exclusive lock on `output_dir` for the whole run, so that two runs never write (and prune)
+    one folder: `flock` on the folder itself, which the system releases however the process ends, so
+    a crashed run leaves no stale lock. While it is held, LOCK_FILE in the folder names the holder.
+    Returns the locked folder's descriptor, for `unlock_output_dir`."""
+    import fcntl
+
+    os.makedirs(output_dir, exist_ok=True)
+    folder = os.open(output_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(folder)
+        try:
+            with open(os.path.join(output_dir, LOCK_FILE)) as f:
+                holder = f.read().strip()
+        except OSError:
+            holder = "its holder did not say who it is"
+        raise ValueError(
+            f"`--output_dir` {output_dir!r} is in use by another training run ({holder}). Wait for it to end,"
+            " or use another `--output_dir`."
+        ) from None
+    with open(os.path.join(output_dir, LOCK_FILE), "w") as f:
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    return folder
+
+
+def unlock_output_dir(folder, output_dir):
+    """Release `lock_output_dir`'s lock, leaving the folder as the run's own files left it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, LOCK_FILE))
+    os.close(folder)
 
 
 def save_adapter_hook(models, weights, output_dir, accelerator):
@@ -1816,7 +1992,7 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
         for prompt, image_path in pair_validation_inputs(args.validation_prompt, args.validation_image):
-            condition = Image.open(image_path).convert("RGB")
+            condition = load_upright_rgb({"path": image_path, "bytes": None})
             width, height = validation_size(condition.width, condition.height, args.resolution, multiple)
             condition = condition.resize((width, height), Image.BILINEAR)
             images = [
@@ -1909,7 +2085,7 @@ def hub_upload_arguments(repo_id, output_dir, hub_token):
         "repo_id": repo_id,
         "folder_path": output_dir,
         "commit_message": "End of training",
-        "ignore_patterns": ["step_*", "epoch_*"],
+        "ignore_patterns": ["step_*", "epoch_*", LOCK_FILE, FINISHED_FILE],
         "token": hub_token,
     }
 
@@ -1943,13 +2119,41 @@ def make_accelerator(args):
     return accelerator
 
 
+@contextlib.contextmanager
+def exclusive_output_dir(output_dir, accelerator):
+    """--output_dir locked for the run (by the main process) and released however the run ends. A
+    refusal on the main process stops every process, before anything is loaded."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = lock_output_dir(output_dir)
+        except ValueError as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise ValueError(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            unlock_output_dir(lock, output_dir)
+
+
 def find_resume_point(args, accelerator):
-    """(checkpoint, this process's data state in it) to resume from, or (None, None) for a new run."""
+    """(checkpoint, this process's data state in it) to resume from, or (None, None) for a new run.
+    Every file the resume reads is checked first: a damaged checkpoint is named before anything loads."""
     resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_path is None:
         if args.resume_from_checkpoint:
-            accelerator.print(f"Checkpoint {args.resume_from_checkpoint!r} does not exist. Starting a new training run.")
+            accelerator.print("No checkpoint yet: starting a new training run.")
         return None, None
+    problems = checkpoint_problems(resume_path, accelerator.process_index, read=True)
+    if problems:
+        raise ValueError(
+            f"Cannot resume from {resume_path}: {'; '.join(problems)}. Resume from an earlier checkpoint with"
+            " `--resume_from_checkpoint checkpoint-<step>`, or delete this one."
+        )
     return resume_path, load_data_state(resume_path, accelerator.process_index)
 
 
@@ -2105,10 +2309,45 @@ class RunHooks:
         """Called after each optimisation step."""
 
 
+def run_settings(args, num_processes, train_data):
+    """The settings a resumed run must share with the run it continues to continue it exactly; saved
+    in each checkpoint."""
+    dataset, sizes = train_data
+    return {
+        "learning_rate": learning_rate(args, num_processes),
+        "processes": num_processes,
+        **{flag: getattr(args, flag) for flag in RESUME_SETTINGS},
+        "dataset": dataset_location(args)[1],
+        "dataset fingerprint": None if sizes is None else dataset._fingerprint,
+    }
+
+
+def apply_changed_settings(saved, current, optimizer, lr_scheduler):
+    """A resumed run with other settings than its checkpoint's: a new learning rate is applied from
+    here on (the schedule keeps its shape), and every other change is named in a warning, since the
+    run no longer continues exactly as it would have."""
+    changed = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+    if "learning_rate" in changed:
+        old, new = changed.pop("learning_rate")
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * new / old
+        lr_scheduler.scheduler.base_lrs = [base * new / old for base in lr_scheduler.scheduler.base_lrs]
+        logger.warning(f"Applying the new learning rate: {old} → {new} (the schedule keeps its shape).")
+    if changed:
+        listing = "; ".join(f"{key} {old} → {new}" for key, (old, new) in changed.items())
+        logger.warning(f"Resuming with changed settings, so the run does not continue exactly as it would have: {listing}.")
+
+
 def resume_from(resume_path, data_state, accelerator, train_dataloader):
     """Restore the training state and the loader's position; returns the step to continue from."""
     accelerator.print(f"Resuming from checkpoint {resume_path}")
-    accelerator.load_state(resume_path)
+    try:
+        accelerator.load_state(resume_path)
+    except Exception as error:
+        raise ValueError(
+            f"Could not resume from {resume_path}: {type(error).__name__}: {error}. The checkpoint may be damaged;"
+            " resume from an earlier one with `--resume_from_checkpoint checkpoint-<step>`."
+        ) from error
     train_dataloader.load_state_dict(data_state["loader"])
     return checkpoint_step(resume_path)
 
@@ -2224,14 +2463,11 @@ class PreemptionHandler:
         flag = torch.tensor(float(self.received is not None), device=accelerator.device)
         return accelerator.reduce(flag, reduction="sum").item() > 0
 
-    def stop(self, accelerator, step, output_dir):
+    def stop(self, accelerator, step, saved):
+        """Say where the run stopped and what it `saved`, then exit with 128 + the signal's number."""
         self.restore()
         name = signal.Signals(self.received).name if self.received else "a signal on another process"
-        message = (
-            f"Stopped by {name} at step {step}; saved {os.path.join(output_dir, f'checkpoint-{step}')}."
-            " Resume with --resume_from_checkpoint latest."
-        )
-        logger.warning(message)
+        logger.warning(f"Stopped by {name} at step {step}; saved {saved}. Resume with --resume_from_checkpoint latest.")
         accelerator.end_training()
         raise SystemExit(128 + (self.received or signal.SIGTERM))
 
@@ -2279,33 +2515,39 @@ def create_hub_repo(args, accelerator):
     return create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token, private=True).repo_id
 
 
-def finish_training(accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id):
-    """The final validation (unless this step was just validated), the adapter in diffusers format,
-    the model card and the Hub upload."""
+def finish_training(accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id, preemption):
+    """The adapter in diffusers format, the final validation (unless this step was just validated),
+    the model card and the Hub upload. The adapter is saved first, and the stop-signal handler is
+    still on: a signal in this phase skips the validation and the upload, never the save."""
     if not accelerator.is_main_process:
         return
-    if image_logs is None or image_logs["step"] != global_step:
-        image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step)
     accelerator.unwrap_model(adapter).save_pretrained(args.output_dir)
+    with open(os.path.join(args.output_dir, FINISHED_FILE), "w") as f:  # a requeue finds the run complete
+        json.dump({"step": global_step}, f)
+    logger.info(f"Saved the adapter to {args.output_dir}")
+    if preemption.received is None and (image_logs is None or image_logs["step"] != global_step):
+        image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step)
     logs = image_logs["logs"] if image_logs else None
     details = model_card_training_details(args, global_step, accelerator.num_processes)
     save_model_card(
         repo_id or Path(args.output_dir).name, logs, args.pretrained_model_name_or_path, args.output_dir, details
     )
-    logger.info(f"Saved the adapter to {args.output_dir}")
-    if args.push_to_hub:
+    if args.push_to_hub and preemption.received is not None:
+        logger.warning(f"Not uploaded to {repo_id}: the run was stopped. Upload {args.output_dir} with `hf upload`.")
+    elif args.push_to_hub:
         upload_folder(**hub_upload_arguments(repo_id, args.output_dir, args.hub_token))
 
 
-def main(args, hooks=None):
-    hooks = hooks or RunHooks()
-    adapter_config = check_inputs(args)
-    accelerator = make_accelerator(args)
+def training_run(args, adapter_config, accelerator, hooks):
+    """The run itself, from data loading to the final save; returns the last optimisation step."""
+    finished = finished_step(args.output_dir)
+    if args.resume_from_checkpoint and finished is not None and finished >= (args.max_train_steps or 0):
+        logger.info(f"The run is complete: it finished at step {finished}. Nothing to train; the adapter in"
+                    f" {args.output_dir} is left as it is.")
+        return finished
     resume_path, resumed_data_state = find_resume_point(args, accelerator)
     seed = run_seed(args, accelerator, resumed_data_state)
     set_seed(seed, device_specific=True)  # each process its own noise; DDP keeps the adapters in step
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
     with accelerator.main_process_first():  # data first: a bad column fails before any model loads
         train_data = load_training_data(args, seed, hooks.check_samples)
     repo_id = create_hub_repo(args, accelerator)
@@ -2325,13 +2567,17 @@ def main(args, hooks=None):
     log_run_summary(args, accelerator, train_data, batches_per_epoch, max_train_steps, seed)
 
     global_step = 0
+    settings = run_settings(args, accelerator.num_processes, train_data)
     if resume_path is not None:
         global_step = resume_from(resume_path, resumed_data_state, accelerator, train_dataloader)
+        if "settings" in resumed_data_state:  # not in checkpoints of earlier versions
+            apply_changed_settings(resumed_data_state["settings"], settings, optimizer, lr_scheduler)
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     image_logs, losses, preemption = None, StepLosses(accelerator.device), PreemptionHandler()
-    for batch in train_dataloader:
+    # A run resumed at its last step (stopped before its final save) only finishes.
+    for batch in train_dataloader if global_step < max_train_steps else ():
         with accelerator.accumulate(adapter):
             loss = batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, accelerator.device,
                               hooks)
@@ -2342,22 +2588,31 @@ def main(args, hooks=None):
         report_step(global_step, step_loss, lr_scheduler, progress_bar, accelerator, hooks)
         stopping = preemption.requested(accelerator)
         if global_step % args.checkpointing_steps == 0 or stopping:
-            data_state = {"seed": seed, "loader": train_dataloader.state_dict()}
+            data_state = {"seed": seed, "settings": settings, "loader": train_dataloader.state_dict()}
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
         if global_step % args.validation_steps == 0 and accelerator.is_main_process and not stopping:
             image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step) or image_logs
         if stopping:
-            preemption.stop(accelerator, global_step, args.output_dir)
+            preemption.stop(accelerator, global_step, os.path.join(args.output_dir, f"checkpoint-{global_step}"))
         if global_step >= max_train_steps:
             break
-    preemption.restore()
     if losses.skipped:
         logger.warning(f"Skipped {losses.skipped} optimisation step(s) with a non-finite loss.")
 
     accelerator.wait_for_everyone()
-    finish_training(accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id)
+    finish_training(accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id, preemption)
+    if preemption.received is not None:  # during the final phase, after the adapter was saved
+        preemption.stop(accelerator, global_step, f"the adapter in {args.output_dir}")
+    preemption.restore()
     accelerator.end_training()
     return global_step
+
+
+def main(args, hooks=None):
+    adapter_config = check_inputs(args)
+    accelerator = make_accelerator(args)
+    with exclusive_output_dir(args.output_dir, accelerator):
+        return training_run(args, adapter_config, accelerator, hooks or RunHooks())
 
 
 if __name__ == "__main__":

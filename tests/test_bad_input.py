@@ -5,6 +5,7 @@ they are ever reached."""
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -221,3 +222,50 @@ def test_failing_run_leaves_existing_checkpoints_untouched(tiny_sdxl, fill_data,
     with pytest.raises(ValueError):
         run_training(argv)
     assert snapshot(output_dir) == before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--resolution", "0"], "`--resolution` must be in 1..8192, got 0"),
+    (["--resolution=-64"], "`--resolution` must be in 1..8192, got -64"),
+    (["--resolution", "16384"], "`--resolution` must be in 1..8192, got 16384"),
+    (["--learning_rate", "0"], "`--learning_rate` must be above 0, got 0.0"),
+    (["--learning_rate=-1e-5"], "`--learning_rate` must be above 0, got -1e-05"),
+    (["--num_train_epochs", "0"], "`--num_train_epochs` must be at least 1, got 0"),
+])
+def test_impossible_numbers_are_refused_by_name(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *flags])
+
+
+@pytest.mark.parametrize("swap", ["unet as adapter", "pipeline as adapter", "adapter as base", "unet as base"])
+def test_a_model_folder_of_the_wrong_kind_is_named(tiny_sdxl, fill_data, tmp_path, swap):
+    """A UNet or a whole pipeline given as the adapter, an adapter or a UNet given as the base: one message naming
+    the flag, the folder and what it holds, instead of a KeyError."""
+    adapter = save_adapter(tmp_path / "adapter", in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1,
+                           downscale_factor=16, adapter_type="full_adapter_xl")
+    unet = os.path.join(tiny_sdxl, "unet")
+    argv = training_argv(tiny_sdxl, fill_data, tmp_path / "out")
+    flag, folder, expected = {
+        "unet as adapter": ("--adapter_model_name_or_path", unet, "holds a UNet2DConditionModel config, not a T2IAdapter's"),
+        "pipeline as adapter": ("--adapter_model_name_or_path", tiny_sdxl, "no T2IAdapter config found"),
+        "adapter as base": ("--pretrained_model_name_or_path", adapter, "UNet2DConditionModel"),
+        "unet as base": ("--pretrained_model_name_or_path", unet, "UNet2DConditionModel"),
+    }[swap]
+    if flag in argv:
+        argv[argv.index(flag) + 1] = folder
+    else:
+        argv += [flag, folder]
+    fails_with(argv, flag, folder, expected)
+
+
+def test_a_caption_column_of_numbers_is_refused(tiny_sdxl, fill_data, tmp_path):
+    """Captions that are numbers would reach the tokenizer mid-training; the column is refused up front."""
+    folder = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(fill_data["imagefolder"], folder)
+    metadata = folder / "train" / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    metadata.write_text("".join(json.dumps({**row, "text": i}) + "\n" for i, row in enumerate(rows)))
+    fails_with(training_argv(tiny_sdxl, {"imagefolder": folder}, tmp_path / "out"),
+               "`--caption_column` column 'text' holds", "int64", "not text")

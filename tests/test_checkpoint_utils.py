@@ -18,11 +18,14 @@ def accelerate_state():
 
 
 def make_folder(output_dir, steps, extra=()):
+    """Checkpoints holding every file a resume needs (stand-ins), plus `extra` files or folders ('/')."""
     os.makedirs(output_dir, exist_ok=True)
     for step in steps:
-        os.makedirs(os.path.join(output_dir, f"checkpoint-{step}"))
-        with open(os.path.join(output_dir, f"checkpoint-{step}", "state.bin"), "w") as f:
-            f.write(str(step))
+        for name in train.CHECKPOINT_FILES:
+            path = os.path.join(output_dir, f"checkpoint-{step}", name.format(0))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(str(step))
     for name in extra:
         path = os.path.join(output_dir, name)
         if name.endswith("/"):
@@ -79,7 +82,7 @@ def test_prune_keeps_exactly_the_newest_n(tmp_path, limit):
         assert not os.path.exists(path)
     assert os.path.isdir(os.path.join(output_dir, "checkpoint-30.tmp"))
     assert os.path.isfile(os.path.join(output_dir, "notes.txt"))
-    with open(os.path.join(output_dir, remaining[-1], "state.bin")) as f:
+    with open(os.path.join(output_dir, remaining[-1], train.CHECKPOINT_FILES[0].format(0))) as f:
         assert f.read() == "20"
 
 
@@ -115,13 +118,26 @@ def test_resolve_by_name_and_by_path(tmp_path):
     assert train.resolve_resume_checkpoint(output_dir, elsewhere) == elsewhere
 
 
-def test_resolve_missing_checkpoint_is_none(tmp_path):
-    """A checkpoint that does not exist gives None (the run then starts fresh, with a message); no resume request
-    gives None too."""
-    output_dir = make_folder(tmp_path / "out", [5])
-    assert train.resolve_resume_checkpoint(output_dir, "checkpoint-6") is None
-    assert train.resolve_resume_checkpoint(output_dir, str(tmp_path / "nowhere" / "checkpoint-6")) is None
-    assert train.resolve_resume_checkpoint(output_dir, None) is None
+def test_resolve_missing_checkpoint_is_an_error_listing_those_there_are(tmp_path):
+    """A named checkpoint that does not exist is an error naming it and listing the checkpoints there are
+    (upstream started a new run, which then overwrote the folder's work)."""
+    output_dir = make_folder(tmp_path / "out", [5, 10])
+    for name in ("checkpoint-6", str(tmp_path / "nowhere" / "checkpoint-6")):
+        with pytest.raises(ValueError, match=r"'.*checkpoint-6'.*no such checkpoint.*checkpoint-5, checkpoint-10"):
+            train.resolve_resume_checkpoint(output_dir, name)
+    with pytest.raises(ValueError, match="Checkpoints in .*: none"):
+        train.resolve_resume_checkpoint(make_folder(tmp_path / "empty", []), "checkpoint-6")
+
+
+def test_a_new_run_refuses_a_folder_with_checkpoints(tmp_path):
+    """Without --resume_from_checkpoint, a folder that holds checkpoints is refused, naming them and both ways
+    on; a folder without any (or not there yet) is a new run."""
+    output_dir = make_folder(tmp_path / "out", [500, 1000])
+    with pytest.raises(ValueError, match=r"already holds checkpoints .*\(checkpoint-500, checkpoint-1000\)\."
+                                         r" Resume it with `--resume_from_checkpoint latest`, or .*another `--output_dir`"):
+        train.resolve_resume_checkpoint(output_dir, None)
+    assert train.resolve_resume_checkpoint(make_folder(tmp_path / "fresh", [], extra=["logs/"]), None) is None
+    assert train.resolve_resume_checkpoint(str(tmp_path / "not-yet"), None) is None
 
 
 def test_resolve_missing_path_falls_back_to_its_name_in_output_dir(tmp_path):
@@ -155,3 +171,14 @@ def test_checkpoint_step_refuses_other_names(path):
     """Names that are not checkpoint-<step> are refused."""
     with pytest.raises(ValueError):
         train.checkpoint_step(path)
+
+
+def test_latest_skips_an_incomplete_newest_checkpoint(tmp_path, caplog):
+    """An empty checkpoint folder, or one whose files are missing or empty, is never 'latest': the newest complete
+    one is, with a warning naming what is wrong with the skipped one."""
+    output_dir = make_folder(tmp_path / "out", [2, 4])
+    os.makedirs(os.path.join(output_dir, "checkpoint-6"))
+    open(os.path.join(output_dir, "checkpoint-4", "scheduler.bin"), "w").close()
+    assert train.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-2")
+    assert "checkpoint-6, which is incomplete: random_states_0.pkl is missing" in caplog.text
+    assert "checkpoint-4, which is incomplete: scheduler.bin is empty" in caplog.text

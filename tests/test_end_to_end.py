@@ -152,7 +152,8 @@ def test_push_to_hub_uploads_the_adapter_and_model_card(tiny_sdxl, fill_data, tm
     assert calls["create_repo"] == {"repo_id": "fill-adapter", "exist_ok": True, "token": SECRET_TOKEN, "private": True}
     upload = calls["upload_folder"]
     assert upload["repo_id"] == "me/fill-adapter" and upload["folder_path"] == str(output_dir)
-    assert upload["ignore_patterns"] == ["step_*", "epoch_*"] and upload["token"] == SECRET_TOKEN
+    assert upload["ignore_patterns"][:2] == ["step_*", "epoch_*"] and upload["token"] == SECRET_TOKEN
+    assert {train.LOCK_FILE, train.FINISHED_FILE} <= set(upload["ignore_patterns"])  # ours, not the adapter's
     for name in ("README.md", "config.json", "diffusion_pytorch_model.safetensors", "images_0.png", "images_1.png"):
         assert name in calls["uploaded_files"]
     card = (output_dir / "README.md").read_text()

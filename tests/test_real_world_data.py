@@ -490,3 +490,81 @@ def test_training_on_conditions_stored_at_half_size(tiny_sdxl, fill_data, tmp_pa
     data = half_size_condition_folder(fill_data, tmp_path / "half")
     assert run_training(training_argv(tiny_sdxl, data, tmp_path / "out", "--max_train_steps", 2, *flags)) == 2
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# 16-bit and float images; rows without a condition
+# ----------------------------------------------------------------------------------------------
+
+
+def sixteen_bit_gradient(width=64, height=64):
+    """A 16-bit grey gradient from 0 to 65535 across the width, as a depth map is often stored."""
+    values = np.tile(np.linspace(0, 65535, width).round().astype(np.uint16), (height, 1))
+    return Image.fromarray(values)  # mode I;16
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(mode):
+    """Pillow's convert('RGB') clips a 16-bit image to white; here it is scaled by its bit depth (a float
+    image taken as [0, 1]): the gradient stays a gradient from 0 to 1."""
+    gradient = sixteen_bit_gradient()
+    if mode == "I":
+        gradient = gradient.convert("I")
+    elif mode == "F":
+        gradient = Image.fromarray(np.asarray(gradient).astype(np.float32) / 65535)
+    assert gradient.mode == mode
+    assert len(np.unique(np.asarray(gradient.convert("RGB")))) <= 2  # Pillow alone clips the gradient away
+    rgb = np.asarray(train.to_rgb(gradient)).astype(int)
+    assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255 and abs(rgb[0, 32, 0] - 32 * 255 / 63) <= 1
+    assert (np.diff(rgb[0, :, 0]) >= 0).all()
+
+
+def test_a_sixteen_bit_condition_reaches_training_as_its_gradient():
+    """A 16-bit PNG condition (stored as such) becomes the same gradient in the training tensor, and the
+    sample check accepts it."""
+    import io
+
+    buffer = io.BytesIO()
+    sixteen_bit_gradient().save(buffer, format="PNG")
+    condition = {"bytes": buffer.getvalue(), "path": None}
+    assert Image.open(io.BytesIO(condition["bytes"])).mode in ("I;16", "I")
+    image = stored_png(Image.new("RGB", (64, 64), (10, 20, 30)))
+    assert train.inspect_sample(image, condition, "a depth map") == (None, (64, 64))
+    out = pair_transform()({"image": image, "conditioning_image": condition, "text": "t"}, (64, 64), 0)
+    row = out["conditioning_pixel_values"][0, 0]
+    assert row[0] == 0 and row[-1] == 1
+    expected = torch.tensor(np.linspace(0, 65535, 64).round() / 65535 * 255).round() / 255
+    assert torch.allclose(row.double(), expected, atol=1 / 255 + 1e-6)
+
+
+@pytest.mark.parametrize("missing", ["null", "absent"])
+def test_a_row_without_its_condition_is_a_bad_sample(missing):
+    """Without an on-the-fly condition type, a row whose condition is null or missing is refused (or dropped
+    with --skip_bad_samples); with canny the condition is not read at all."""
+    sample = {"image": stored_png(Image.new("RGB", (8, 8))), "text": "t"}
+    if missing == "null":
+        sample["conditioning_image"] = None
+    args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"])
+    assert train.inspect_sample(*train.stored_sample(sample, args)) == ("missing conditioning image", None)
+    args.conditioning_type = "canny"
+    assert train.inspect_sample(*train.stored_sample(sample, args)) == (None, (8, 8))
+
+
+def test_a_row_with_a_null_condition_stops_the_run_or_is_skipped(tiny_sdxl, fill_data, tmp_path):
+    """A parquet row whose conditioning image is null: named with its row before training; dropped with
+    --skip_bad_samples."""
+    from datasets import load_dataset
+
+    dataset = load_dataset(str(fill_data["parquet"]), split="train")
+    rows = dataset.to_list()
+    rows[3]["conditioning_image"] = None
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    type(dataset).from_list(rows, features=dataset.features).to_parquet(str(folder / "train.parquet"))
+    argv = training_argv(tiny_sdxl, fill_data, tmp_path / "out", "--max_train_steps", 1)
+    index = argv.index("--train_data_dir")
+    argv[index:index + 2] = ["--dataset_name", str(folder)]
+    with pytest.raises(ValueError, match="row 3: missing conditioning image"):
+        run_training(argv)
+    assert run_training(argv + ["--skip_bad_samples"]) == 1

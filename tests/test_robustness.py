@@ -215,8 +215,8 @@ def test_bad_sample_fails_before_training_or_is_skipped(tiny_sdxl, fill_data, tm
     damage(folder, rows, 5)
     write_rows(metadata, rows)
     output_dir = tmp_path / "out"
-    (output_dir / "checkpoint-7").mkdir(parents=True)
-    (output_dir / "checkpoint-7" / "keep.txt").write_text("earlier work")
+    (output_dir / "notes").mkdir(parents=True)
+    (output_dir / "notes" / "keep.txt").write_text("earlier work")
     data = {"imagefolder": folder}
 
     load_models = train.load_models
@@ -224,11 +224,11 @@ def test_bad_sample_fails_before_training_or_is_skipped(tiny_sdxl, fill_data, tm
     with pytest.raises(ValueError, match=message) as error:
         run_training(training_argv(tiny_sdxl, data, output_dir, "--max_train_steps", 1))
     assert "'image', 'conditioning_image', 'text'" in str(error.value) and "--skip_bad_samples" in str(error.value)
-    assert (output_dir / "checkpoint-7" / "keep.txt").read_text() == "earlier work"
+    assert (output_dir / "notes" / "keep.txt").read_text() == "earlier work"
 
     monkeypatch.setattr(train, "load_models", load_models)
     assert run_training(training_argv(tiny_sdxl, data, output_dir, "--max_train_steps", 1, "--skip_bad_samples")) == 1
-    assert (output_dir / "checkpoint-7" / "keep.txt").is_file()
+    assert (output_dir / "notes" / "keep.txt").is_file()
 
 
 def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sdxl, fill_data, tmp_path, monkeypatch):
@@ -369,10 +369,10 @@ def test_two_processes_without_seed_give_each_sample_to_exactly_one_rank(tiny_sd
 
 
 def test_resume_without_seed_is_exact(tiny_sdxl, fill_data, tmp_path):
-    """Without --seed the run draws one, stores it in its checkpoints and a resumed run uses it: the shuffle,
-    the per-sample randomness and the noise all continue, and the result is the straight run's bit for bit.
-    Two launches without --seed draw different seeds."""
-    flags = ["--max_train_steps", 7, "--checkpointing_steps", 3, "--random_flip"]
+    """Without --seed the run draws one, stores it in its checkpoints and a resumed run uses it: the
+    --max_train_samples subset, the shuffle, the per-sample randomness and the noise all continue, and the
+    result is the straight run's bit for bit. Two launches without --seed draw different seeds."""
+    flags = ["--max_train_steps", 7, "--checkpointing_steps", 3, "--random_flip", "--max_train_samples", 24]
     run_training(without_seed(training_argv(tiny_sdxl, fill_data, tmp_path / "straight", *flags)))
     copy_checkpoints(tmp_path / "straight", tmp_path / "resumed", ["checkpoint-3"])
     assert run_training(without_seed(training_argv(tiny_sdxl, fill_data, tmp_path / "resumed", *flags,
