@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import threading
+import uuid
 import typing
 from functools import partial
 from pathlib import Path
@@ -1715,20 +1716,31 @@ def checkpoint_step(path):
     return int(match.group(1))
 
 
-def prune_checkpoints(output_dir, total_limit):
-    """Delete the oldest complete checkpoints so that at most `total_limit` remain."""
+def data_state_path(checkpoint, process_index):
+    return os.path.join(checkpoint, DATA_STATE_FILE.format(process_index))
+
+
+def checkpoint_run(checkpoint):
+    """The id of the run that wrote `checkpoint` (None when it does not say)."""
+    try:
+        with open(data_state_path(checkpoint, 0)) as f:
+            return json.load(f).get("run")
+    except (OSError, ValueError):
+        return None
+
+
+def prune_checkpoints(output_dir, total_limit, run):
+    """Delete the oldest checkpoints of `run` (an id that its resumed launches share) so that at most
+    `total_limit` of them remain. A checkpoint that another run wrote stays."""
     checkpoints = list_checkpoints(output_dir)
-    if total_limit is None or len(checkpoints) <= total_limit:
+    own = [path for path in checkpoints if checkpoint_run(path) == run]
+    if total_limit is None or len(own) <= total_limit:
         return []
-    removed = checkpoints[: len(checkpoints) - total_limit]
+    removed = own[: len(own) - total_limit]  # never the newest: the limit is at least 1
     logger.info(f"Removing checkpoints beyond the limit of {total_limit}: {', '.join(map(os.path.basename, removed))}")
     for path in removed:
         shutil.rmtree(path)
     return removed
-
-
-def data_state_path(checkpoint, process_index):
-    return os.path.join(checkpoint, DATA_STATE_FILE.format(process_index))
 
 
 def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
@@ -1752,7 +1764,7 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
         if os.path.exists(final_path):  # the same step saved again after a resume
             shutil.rmtree(final_path)
         os.replace(tmp_path, final_path)
-        prune_checkpoints(output_dir, total_limit)
+        prune_checkpoints(output_dir, total_limit, data_state["run"])
         logger.info(f"Saved state to {final_path}")
     accelerator.wait_for_everyone()
     return final_path
@@ -2157,20 +2169,21 @@ def find_resume_point(args, accelerator):
     return resume_path, load_data_state(resume_path, accelerator.process_index)
 
 
-def run_seed(args, accelerator, resumed_data_state=None):
-    """The seed of the whole run (data order, per-sample randomness, noise): --seed; else the one
-    the resumed checkpoint ran with, so that it replays the same order; else one the main process
-    draws and gives to all (were each process to draw its own, each would shuffle differently and
-    an epoch would give some samples to two processes and others to none)."""
-    if args.seed is not None:
-        return args.seed
-    if resumed_data_state is not None:
-        return resumed_data_state["seed"]
-    seed = [random.SystemRandom().randrange(2**31) if accelerator.is_main_process else None]
+def run_identity(args, accelerator, resumed_data_state=None):
+    """(seed, run id). The seed of the whole run (data order, per-sample randomness, noise): --seed;
+    else the one the resumed checkpoint ran with, so that it replays the same order; else one the
+    main process draws and gives to all (were each process to draw its own, each would shuffle
+    differently and an epoch would give some samples to two processes and others to none). The run
+    id marks the checkpoints this run writes, in this launch and in the launches that resume it."""
+    resumed = resumed_data_state or {}
+    drawn = [(random.SystemRandom().randrange(2**31), uuid.uuid4().hex) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
-        broadcast_object_list(seed)
-    logger.info(f"No --seed given: this run's seed is {seed[0]} (pass --seed {seed[0]} to repeat it).")
-    return seed[0]
+        broadcast_object_list(drawn)
+    drawn_seed, drawn_run = drawn[0]
+    seed = args.seed if args.seed is not None else resumed.get("seed", drawn_seed)
+    if seed == drawn_seed:
+        logger.info(f"No --seed given: this run's seed is {seed} (pass --seed {seed} to repeat it).")
+    return seed, resumed.get("run") or drawn_run
 
 
 def set_up_models(components, args, accelerator):
@@ -2546,7 +2559,7 @@ def training_run(args, adapter_config, accelerator, hooks):
                     f" {args.output_dir} is left as it is.")
         return finished
     resume_path, resumed_data_state = find_resume_point(args, accelerator)
-    seed = run_seed(args, accelerator, resumed_data_state)
+    seed, run = run_identity(args, accelerator, resumed_data_state)
     set_seed(seed, device_specific=True)  # each process its own noise; DDP keeps the adapters in step
     with accelerator.main_process_first():  # data first: a bad column fails before any model loads
         train_data = load_training_data(args, seed, hooks.check_samples)
@@ -2588,7 +2601,7 @@ def training_run(args, adapter_config, accelerator, hooks):
         report_step(global_step, step_loss, lr_scheduler, progress_bar, accelerator, hooks)
         stopping = preemption.requested(accelerator)
         if global_step % args.checkpointing_steps == 0 or stopping:
-            data_state = {"seed": seed, "settings": settings, "loader": train_dataloader.state_dict()}
+            data_state = {"seed": seed, "run": run, "settings": settings, "loader": train_dataloader.state_dict()}
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
         if global_step % args.validation_steps == 0 and accelerator.is_main_process and not stopping:
             image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step) or image_logs

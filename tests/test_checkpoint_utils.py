@@ -1,5 +1,6 @@
 """Checkpoint folder bookkeeping: listing, pruning, choosing what to resume from, reading the step."""
 
+import json
 import os
 
 import pytest
@@ -17,15 +18,19 @@ def accelerate_state():
     PartialState._reset_state()
 
 
-def make_folder(output_dir, steps, extra=()):
-    """Checkpoints holding every file a resume needs (stand-ins), plus `extra` files or folders ('/')."""
+RUN = "this-run"
+
+
+def make_folder(output_dir, steps, extra=(), run=RUN):
+    """Checkpoints of `run` holding every file a resume needs (stand-ins, the data state saying which run
+    wrote it), plus `extra` files or folders ('/')."""
     os.makedirs(output_dir, exist_ok=True)
     for step in steps:
         for name in train.CHECKPOINT_FILES:
             path = os.path.join(output_dir, f"checkpoint-{step}", name.format(0))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
-                f.write(str(step))
+                f.write(json.dumps({"run": run, "step": step}) if name == train.DATA_STATE_FILE else str(step))
     for name in extra:
         path = os.path.join(output_dir, name)
         if name.endswith("/"):
@@ -56,7 +61,7 @@ def test_files_named_like_checkpoints_are_not_checkpoints(tmp_path):
     """A plain file called checkpoint-N is not a checkpoint: pruning keeps the newest real checkpoints (counting the
     file, it would delete the one just saved), "latest" is a real checkpoint folder, and listing skips the file."""
     output_dir = make_folder(tmp_path / "out", [1, 2], extra=["checkpoint-8"])
-    train.prune_checkpoints(output_dir, 1)
+    train.prune_checkpoints(output_dir, 1, RUN)
     assert os.path.isdir(os.path.join(output_dir, "checkpoint-2")), "the newest real checkpoint was pruned"
     assert not os.path.exists(os.path.join(output_dir, "checkpoint-1"))
     assert os.path.isfile(os.path.join(output_dir, "checkpoint-8"))
@@ -74,7 +79,7 @@ def test_list_checkpoints_of_missing_or_empty_folder_is_empty(tmp_path):
 def test_prune_keeps_exactly_the_newest_n(tmp_path, limit):
     """prune_checkpoints deletes the oldest so that exactly the newest `limit` remain; everything else stays."""
     output_dir = make_folder(tmp_path / "out", [1, 9, 10, 20], extra=["checkpoint-30.tmp/", "notes.txt"])
-    removed = train.prune_checkpoints(output_dir, limit)
+    removed = train.prune_checkpoints(output_dir, limit, RUN)
     remaining = names(train.list_checkpoints(output_dir))
     assert remaining == ["checkpoint-1", "checkpoint-9", "checkpoint-10", "checkpoint-20"][-limit:]
     assert sorted(names(removed)) == sorted(set(["checkpoint-1", "checkpoint-9", "checkpoint-10", "checkpoint-20"]) - set(remaining))
@@ -90,7 +95,7 @@ def test_prune_keeps_exactly_the_newest_n(tmp_path, limit):
 def test_prune_within_limit_removes_nothing(tmp_path, limit):
     """With no limit, or no more checkpoints than the limit, nothing is removed."""
     output_dir = make_folder(tmp_path / "out", [1, 2, 3, 4])
-    assert train.prune_checkpoints(output_dir, limit) == []
+    assert train.prune_checkpoints(output_dir, limit, RUN) == []
     assert len(train.list_checkpoints(output_dir)) == 4
 
 
@@ -182,3 +187,17 @@ def test_latest_skips_an_incomplete_newest_checkpoint(tmp_path, caplog):
     assert train.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-2")
     assert "checkpoint-6, which is incomplete: random_states_0.pkl is missing" in caplog.text
     assert "checkpoint-4, which is incomplete: scheduler.bin is empty" in caplog.text
+
+
+def test_pruning_leaves_checkpoints_of_another_run_and_the_newest(tmp_path):
+    """Only this run's checkpoints are pruned: another run's (say, copied in) stay, and so does the newest of
+    all, whoever wrote it."""
+    output_dir = make_folder(tmp_path / "out", [1, 3, 5])
+    make_folder(output_dir, [2, 4], run="another-run")
+    removed = train.prune_checkpoints(output_dir, 1, RUN)
+    assert names(removed) == ["checkpoint-1", "checkpoint-3"]
+    assert names(train.list_checkpoints(output_dir)) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    make_folder(output_dir, [6], run="another-run")
+    assert train.prune_checkpoints(output_dir, 1, RUN) == []  # its only one, though not the newest
+    assert names(train.prune_checkpoints(output_dir, 1, "another-run")) == ["checkpoint-2", "checkpoint-4"]
+    assert names(train.list_checkpoints(output_dir)) == ["checkpoint-5", "checkpoint-6"]
