@@ -921,13 +921,30 @@ def scan_samples(dataset, args):
     return bad, sizes
 
 
+def image_file_sizes(dataset, args):
+    """(path, size) of every image file the dataset refers to by path in the columns training reads
+    (an imagefolder's images), read from the table without touching any stored image bytes."""
+    sizes = []
+    for flag, column in used_columns(args).items():
+        if flag == "caption_column":
+            continue
+        for chunk in dataset.data.column(column).chunks:
+            by_path = chunk.field("bytes").is_null().to_pylist()
+            for path, referenced in zip(chunk.field("path").to_pylist(), by_path):
+                if referenced and path:
+                    sizes.append((path, os.path.getsize(path) if os.path.exists(path) else None))
+    return sizes
+
+
 def sample_check_record_path(dataset, args):
     """Where the sample check of this dataset is recorded: beside `datasets`' own cache of it, under
-    its fingerprint (which changes when a file is changed, added or removed), the columns checked and
-    the rules they were checked by. None for a dataset held only in memory."""
+    its fingerprint (which changes when a file's modification time changes, or a file is added or
+    removed), the sizes of the image files it refers to (a file rewritten with its old modification
+    time, by `cp -p` or `rsync -a`, mostly changes size), the columns checked and the rules they were
+    checked by. None for a dataset held only in memory."""
     if not dataset.cache_files:
         return None
-    identity = [dataset._fingerprint, used_columns(args), SAMPLE_CHECK_RULES]
+    identity = [dataset._fingerprint, image_file_sizes(dataset, args), used_columns(args), SAMPLE_CHECK_RULES]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     return os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"t2i_sample_check-{key}.json")
 
@@ -1190,7 +1207,11 @@ class PairTransform:
 
 
 def collate_fn(examples):
-    """Stack the tensors of a batch; keep the captions as a list."""
+    """Stack the tensors of a batch; keep the captions as a list. Samples skipped mid-training (None)
+    are left out; a batch needs one left, since every process must take each step."""
+    examples = [example for example in examples if example is not None]
+    if not examples:
+        raise ValueError("Every sample of a batch failed mid-training (see the warnings above).")
     return {
         key: [e[key] for e in examples] if key == "captions" else torch.stack([e[key] for e in examples]).float()
         for key in examples[0]
@@ -1340,15 +1361,35 @@ class PlannedBatchSampler:
 
 class PlannedPairs(torch.utils.data.Dataset):
     """A map-style dataset indexed by the sampler's (row, target size, seed); with the latent cache,
-    each row's cached latent distribution is read from `latent_files[row]`."""
+    each row's cached latent distribution is read from `latent_files[row]`.
 
-    def __init__(self, dataset, transform, latent_files=None):
+    Every sample passed the sample check, but a file can change after it (and its record). A sample
+    that then fails stops the run naming the file and the record to delete, or with
+    `skip_bad_samples` is left out of its batch (None, which `collate_fn` drops) with a warning."""
+
+    def __init__(self, dataset, transform, latent_files=None, skip_bad_samples=False):
         self.dataset, self.transform, self.latent_files = dataset, transform, latent_files
+        self.skip_bad_samples = skip_bad_samples
 
     def __getitem__(self, key):
         row, target_size, seed = key
-        cached = None if self.latent_files is None else load_cached_latents(self.latent_files[row])
-        return self.transform(self.dataset[row], target_size, seed, cached)
+        sample = self.dataset[row]
+        try:
+            cached = None if self.latent_files is None else load_cached_latents(self.latent_files[row])
+            return self.transform(sample, target_size, seed, cached)
+        except Exception as error:
+            files = [value["path"] for value in sample.values() if isinstance(value, dict) and value.get("path")]
+            records = os.path.dirname(self.dataset.cache_files[0]["filename"]) if self.dataset.cache_files else None
+            message = (
+                f"Training sample at row {row} ({', '.join(files) or 'stored in the dataset'}) failed mid-training:"
+                f" {type(error).__name__}: {error}. It passed the sample check, so a file changed since: fix it"
+                + (f" and delete the check's record (t2i_sample_check-*.json in {records})," if records else ",")
+                + " then start again; or pass --skip_bad_samples."
+            )
+            if not self.skip_bad_samples:
+                raise ValueError(message) from error
+            logger.warning(message.replace("; or pass --skip_bad_samples.", ". Skipped."), main_process_only=False)
+            return None
 
 
 class StreamingBatches(torch.utils.data.IterableDataset):
@@ -1471,7 +1512,7 @@ def make_train_dataloader(train_data, args, seed, rank, world_size, multiple, la
     batches_per_epoch = sampler.batches_per_epoch()
     if batches_per_epoch == 0:
         raise ValueError(f"{len(sizes)} samples make no batch for each of the {world_size} processes.")
-    pairs = PlannedPairs(undecoded_images(dataset, args), transform, latent_files)
+    pairs = PlannedPairs(undecoded_images(dataset, args), transform, latent_files, args.skip_bad_samples)
     loader = StatefulDataLoader(pairs, batch_sampler=sampler, collate_fn=collate_fn, **loader_options(args, seed))
     return loader, batches_per_epoch
 

@@ -262,6 +262,48 @@ def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sd
     assert len(opened) == 96
 
 
+def rewrite_keeping_times(path, data):
+    """Rewrite a file and put its old modification time back, as `cp -p` and `rsync -a` do."""
+    stat = path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_file_rewritten_with_its_old_time_is_checked_again(tiny_sdxl, fill_data, tmp_path):
+    """`datasets`' fingerprint follows modification times, so a file rewritten with its old time (cp -p,
+    rsync -a) would leave the sample check's record in force; the record is keyed on the files' sizes too."""
+    folder = tmp_path / "data"
+    copy_imagefolder(fill_data, folder)
+    args = train.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", str(folder),
+                             "--cache_dir", str(tmp_path / "cache")])
+    PartialState()  # accelerate's logger needs its state
+    train.load_train_dataset(args, seed=0)
+    image = folder / "train" / "images" / "00003.png"
+    rewrite_keeping_times(image, image.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"1 bad training sample\(s\).*unreadable image"):
+        train.load_train_dataset(args, seed=0)
+
+
+def test_a_file_that_breaks_after_its_check_stops_naming_it_or_is_skipped(tiny_sdxl, fill_data, tmp_path):
+    """An image damaged after its check with its size and time kept (the record cannot tell): the run stops
+    mid-training naming the file and the record to delete, or with --skip_bad_samples leaves it out."""
+    folder = tmp_path / "data"
+    copy_imagefolder(fill_data, folder)
+    argv = training_argv(tiny_sdxl, {"imagefolder": folder}, tmp_path / "first", "--max_train_steps", 1,
+                         "--cache_dir", tmp_path / "cache")
+    run_training(argv)
+    image = folder / "train" / "images" / "00003.png"
+    data = image.read_bytes()
+    rewrite_keeping_times(image, data[:40] + bytes(len(data) - 40))  # same size, pixels gone
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "second")
+    flags = ["--max_train_steps", "8"]  # an epoch: every sample is read
+    with pytest.raises(ValueError, match=rf"\({re.escape(str(image))}, .*\) failed mid-training: .* It passed the"
+                                         r" sample check.*delete the check's record \(t2i_sample_check-\*\.json in"):
+        run_training(argv + flags)
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "third")
+    assert run_training(argv + flags + ["--skip_bad_samples"]) == 8
+
+
 def test_text_in_an_image_column_is_refused(tiny_sdxl, fill_data, tmp_path):
     """A metadata key without the '_file_name' suffix loads as text: a clear error, not a crash."""
     folder = tmp_path / "data"
