@@ -2229,8 +2229,9 @@ def run_identity(args, accelerator, resumed_data_state=None):
 
 def set_up_models(components, args, accelerator):
     """Checkpoints that keep the adapter in diffusers format, attention kernels, memory options and
-    compilation, then each frozen model on the device in the mixed-precision dtype, which is returned. SDXL's own VAE stays float32 because it overflows
-    in fp16 (a replacement VAE, e.g. the fp16-fix one, follows the weight dtype)."""
+    compilation, then each frozen model on the device in the mixed-precision dtype, which is returned.
+    SDXL's own VAE stays float32 because it overflows in fp16 (a replacement VAE, e.g. the fp16-fix
+    one, follows the weight dtype)."""
     accelerator.register_save_state_pre_hook(partial(save_adapter_hook, accelerator=accelerator))
     accelerator.register_load_state_pre_hook(load_adapter_hook)
     unet, adapter = components["unet"], components["adapter"]
@@ -2496,7 +2497,8 @@ def optimisation_step(loss, adapter, optimizer, lr_scheduler, accelerator, losse
 
 class PreemptionHandler:
     """Turns SIGTERM/SIGINT into a request to stop at the end of the current optimisation step,
-    after a checkpoint, instead of dying in the middle of one (preemptible GPUs, Ctrl-C)."""
+    after a checkpoint, instead of dying in the middle of one (preemptible GPUs, Ctrl-C). A context
+    manager: the previous handlers come back however the run ends."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -2529,6 +2531,12 @@ class PreemptionHandler:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.restore()
 
 
 def model_card_training_details(args, steps, num_processes):
@@ -2629,35 +2637,40 @@ def training_run(args, adapter_config, accelerator, hooks):
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    image_logs, losses, preemption = None, StepLosses(accelerator.device), PreemptionHandler()
-    # A run resumed at its last step (stopped before its final save) only finishes.
-    for batch in train_dataloader if global_step < max_train_steps else ():
-        with accelerator.accumulate(adapter):
-            loss = batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, accelerator.device,
-                              hooks)
-            step_loss = optimisation_step(loss, adapter, optimizer, lr_scheduler, accelerator, losses, global_step, args)
-        if step_loss is None:  # inside a gradient accumulation
-            continue
-        global_step += 1
-        report_step(global_step, step_loss, lr_scheduler, progress_bar, accelerator, hooks)
-        stopping = preemption.requested(accelerator)
-        if global_step % args.checkpointing_steps == 0 or stopping:
-            data_state = {"seed": seed, "run": run, "settings": settings, "loader": train_dataloader.state_dict()}
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process and not stopping:
-            image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step) or image_logs
-        if stopping:
-            preemption.stop(accelerator, global_step, os.path.join(args.output_dir, f"checkpoint-{global_step}"))
-        if global_step >= max_train_steps:
-            break
-    if losses.skipped:
-        logger.warning(f"Skipped {losses.skipped} optimisation step(s) with a non-finite loss.")
+    image_logs, losses = None, StepLosses(accelerator.device)
+    with PreemptionHandler() as preemption:
+        # A run resumed at its last step (stopped before its final save) only finishes.
+        for batch in train_dataloader if global_step < max_train_steps else ():
+            with accelerator.accumulate(adapter):
+                loss = batch_loss(
+                    batch, components, adapter, sigmas_by_timestep, args, weight_dtype, accelerator.device, hooks
+                )
+                step_loss = optimisation_step(
+                    loss, adapter, optimizer, lr_scheduler, accelerator, losses, global_step, args
+                )
+            if step_loss is None:  # inside a gradient accumulation
+                continue
+            global_step += 1
+            report_step(global_step, step_loss, lr_scheduler, progress_bar, accelerator, hooks)
+            stopping = preemption.requested(accelerator)
+            if global_step % args.checkpointing_steps == 0 or stopping:
+                data_state = {"seed": seed, "run": run, "settings": settings, "loader": train_dataloader.state_dict()}
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
+            if global_step % args.validation_steps == 0 and accelerator.is_main_process and not stopping:
+                image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step) or image_logs
+            if stopping:
+                preemption.stop(accelerator, global_step, os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+            if global_step >= max_train_steps:
+                break
+        if losses.skipped:
+            logger.warning(f"Skipped {losses.skipped} optimisation step(s) with a non-finite loss.")
 
-    accelerator.wait_for_everyone()
-    finish_training(accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id, preemption)
-    if preemption.received is not None:  # during the final phase, after the adapter was saved
-        preemption.stop(accelerator, global_step, f"the adapter in {args.output_dir}")
-    preemption.restore()
+        accelerator.wait_for_everyone()
+        finish_training(
+            accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id, preemption
+        )
+        if preemption.received is not None:  # during the final phase, after the adapter was saved
+            preemption.stop(accelerator, global_step, f"the adapter in {args.output_dir}")
     accelerator.end_training()
     return global_step
 

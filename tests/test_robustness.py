@@ -136,10 +136,14 @@ def inject_nan_at_calls(monkeypatch, calls):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_sdxl, fill_data, tmp_path, monkeypatch):
+    """The run stops before the bad update, keeps its last good checkpoint, and (stopping by an error) gives
+    the process back its own stop-signal handlers."""
     inject_nan_at_calls(monkeypatch, {3})
     checkpoint_flags = ["--checkpointing_steps", 2]
+    handlers = [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)]
     with pytest.raises(FloatingPointError, match=r"Non-finite loss \(nan\) at step 3; .*checkpoint-2"):
         run_training(training_argv(tiny_sdxl, fill_data, tmp_path, "--max_train_steps", 6, *checkpoint_flags))
+    assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)] == handlers
     assert train.list_checkpoints(tmp_path) == [str(tmp_path / "checkpoint-2")]
     weights = load_adapter_weights(tmp_path / "checkpoint-2" / train.ADAPTER_SUBFOLDER)
     assert all(torch.isfinite(value).all() for value in weights.values())
