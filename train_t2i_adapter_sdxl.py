@@ -924,9 +924,11 @@ def scan_samples(dataset, args):
 def image_file_sizes(dataset, args):
     """(path, size) of every image file the dataset refers to by path in the columns training reads
     (an imagefolder's images), read from the table without touching any stored image bytes."""
+    from datasets import Image as ImageFeature
+
     sizes = []
-    for flag, column in used_columns(args).items():
-        if flag == "caption_column":
+    for column in used_columns(args).values():
+        if not isinstance(dataset.features[column], ImageFeature):  # captions; text where images belong (refused)
             continue
         for chunk in dataset.data.column(column).chunks:
             by_path = chunk.field("bytes").is_null().to_pylist()

@@ -228,12 +228,12 @@ def test_resuming_with_changed_settings_says_so_and_applies_a_new_learning_rate(
     run_training(argv)
     settings = __import__("json").loads((tmp_path / "checkpoint-2" / "data_state_0.json").read_text())["settings"]
     assert settings["train_batch_size"] == 4 and settings["learning_rate"] == 1e-3 and settings["processes"] == 1
-    resumed = [*argv, "--resume_from_checkpoint", "latest"]
+    resumed = [*argv, "--resume_from_checkpoint", "latest", "--logging_dir", "logs-resumed"]
     for flag, value in (("--max_train_steps", "3"), ("--learning_rate", "5e-4"), ("--train_batch_size", "2")):
         resumed[resumed.index(flag) + 1] = value
     with caplog.at_level(logging.WARNING):
         assert run_training(resumed) == 3
     assert "Applying the new learning rate: 0.001 → 0.0005" in caplog.text
     assert re.search(r"Resuming with changed settings, .*: train_batch_size 4 → 2\.", caplog.text)
-    logged = dict(tensorboard_tags(tmp_path / "logs")["scalars"]["lr"])  # the newest run's events
-    assert logged[3] == pytest.approx(5e-4)  # constant schedule: the new rate itself
+    logged = dict(tensorboard_tags(tmp_path / "logs-resumed")["scalars"]["lr"])
+    assert list(logged) == [3] and logged[3] == pytest.approx(5e-4)  # constant schedule: the new rate itself
