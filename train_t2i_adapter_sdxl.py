@@ -28,6 +28,7 @@ import signal
 import socket
 import threading
 import uuid
+import zipfile
 import typing
 from functools import partial
 from pathlib import Path
@@ -1829,8 +1830,9 @@ def load_data_state(checkpoint, process_index):
 
 def checkpoint_problems(checkpoint, process_index, read=False):
     """What is wrong with the files a resume on this process reads from `checkpoint`: each missing or
-    empty one, and with `read` each that cannot be read as plain data (no code runs: tensors only,
-    JSON). Empty when the checkpoint is complete."""
+    empty one, and with `read` each whose format is broken, read without running any code (JSON,
+    safetensors headers, torch's zip directory; the small random states loaded as tensors only). Empty
+    when the checkpoint is complete."""
     from accelerate.utils import load
     from safetensors import safe_open
 
@@ -1853,9 +1855,13 @@ def checkpoint_problems(checkpoint, process_index, read=False):
                     pass
             except Exception as error:
                 problems.append(f"{name} is not readable safetensors ({str(error)[:200]})")
-        elif read and name.endswith((".bin", ".pkl")):
-            try:
-                load(path, map_location="cpu")  # weights_only: a planted pickle does not run
+        elif read and name.endswith((".bin", ".pkl")) and not zipfile.is_zipfile(path):
+            # torch.save writes a zip; its directory, at the end, is lost when a file is truncated.
+            # Nothing is unpickled here (accelerate loads these with weights_only).
+            problems.append(f"{name} is unreadable (not a complete torch file)")
+        elif read and name.startswith("random_states"):
+            try:  # small; accelerate would skip unreadable random states with an INFO line, losing exactness
+                load(path, map_location="cpu")  # weights_only: tensors and plain data, never code
             except Exception as error:
                 problems.append(f"{name} is unreadable ({type(error).__name__}: {str(error)[:200]})")
     return problems

@@ -184,19 +184,28 @@ def resume_from_a_copy(tiny_sdxl, fill_data, checkpoint, output_dir, damage):
                                       "--resume_from_checkpoint", "checkpoint-2"))
 
 
-@pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "data_state_0.json",
-                                  "t2iadapter/diffusion_pytorch_model.safetensors"])
-def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_sdxl, fill_data, tmp_path, a_checkpoint, name):
-    """Every file a resume reads is read as data: a pickle planted in any of them is refused, naming the file,
-    and never unpickled."""
+@pytest.mark.parametrize("name,how", [
+    ("optimizer.bin", "pickle"), ("scheduler.bin", "pickle"), ("random_states_0.pkl", "pickle"),
+    ("data_state_0.json", "pickle"), ("t2iadapter/diffusion_pytorch_model.safetensors", "pickle"),
+    ("optimizer.bin", "torch.save"), ("scheduler.bin", "torch.save"), ("random_states_0.pkl", "torch.save"),
+])
+def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_sdxl, fill_data, tmp_path, a_checkpoint, name, how):
+    """Every file a resume reads is read as data: a pickle planted in any of them, bare or in torch.save's zip,
+    is refused with the checkpoint named (the file too, where the check reads it), and never unpickled."""
     import pickle
+
+    import torch
 
     marker = tmp_path / "code-ran"
 
     def plant(checkpoint):
-        (checkpoint / name).write_bytes(pickle.dumps(RunsCodeWhenUnpickled(str(marker))))
+        if how == "pickle":
+            (checkpoint / name).write_bytes(pickle.dumps(RunsCodeWhenUnpickled(str(marker))))
+        else:
+            torch.save(RunsCodeWhenUnpickled(str(marker)), checkpoint / name)
 
-    with pytest.raises(ValueError, match=re.escape(name.split("/")[-1])):
+    named = re.escape(name.split("/")[-1]) if how == "pickle" or name.startswith("random") else "checkpoint-2"
+    with pytest.raises(ValueError, match=named):
         resume_from_a_copy(tiny_sdxl, fill_data, a_checkpoint, tmp_path / "out", plant)
     assert not marker.exists()
 
