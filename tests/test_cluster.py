@@ -67,7 +67,7 @@ def test_sigterm_during_the_final_phase_leaves_the_final_adapter(tiny_sdxl, fill
     output_dir = tmp_path / "out"
     argv = training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", 2, "--checkpointing_steps", 1000,
                          "--validation_steps", 1000, "--validation_prompt", *fill_data["validation_prompts"],
-                         "--validation_image", *fill_data["validation_images"], "--num_validation_images", 40)
+                         "--validation_image", *fill_data["validation_images"], "--num_validation_images", 10)
     process = start_training(argv)
     wait_for(lambda: (output_dir / train.FINISHED_FILE).is_file(), process, "the final adapter")
     returncode, stderr = signal_group_and_wait(process)
