@@ -1816,15 +1816,8 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
 
 def load_data_state(checkpoint, process_index):
     """This process's data state saved with the checkpoint: the run's seed and the loader's position.
-    Plain JSON, so reading it never runs code."""
-    path = data_state_path(checkpoint, process_index)
-    if not os.path.exists(path):
-        raise ValueError(
-            f"{checkpoint} holds no data state for process {process_index} ({os.path.basename(path)}): it was saved"
-            " by an older version of this trainer or by a run with fewer processes. Resume with the process count it"
-            " was saved with, or start a new run in another --output_dir."
-        )
-    with open(path) as f:
+    Plain JSON, so reading it never runs code; `checkpoint_problems` has made sure it is there."""
+    with open(data_state_path(checkpoint, process_index)) as f:
         return json.load(f)
 
 
@@ -2213,7 +2206,8 @@ def find_resume_point(args, accelerator):
     if problems:
         raise ValueError(
             f"Cannot resume from {resume_path}: {'; '.join(problems)}. Resume from an earlier checkpoint with"
-            " `--resume_from_checkpoint checkpoint-<step>`, or delete this one."
+            " `--resume_from_checkpoint checkpoint-<step>`, or delete this one. (A checkpoint saved by fewer"
+            " processes, or by an older version of this trainer, lacks data_state files.)"
         )
     return resume_path, load_data_state(resume_path, accelerator.process_index)
 
