@@ -79,7 +79,13 @@ RESUME_SETTINGS = (  # flags whose change breaks an exact resume (with the learn
     "lr_power", "resolution", "detection_resolution", "micro_conditioning", "random_crop", "random_flip",
     "aspect_ratio_buckets", "conditioning_type", "max_train_samples", "proportion_empty_prompts", "streaming",
     "shuffle_buffer_size", "image_column", "conditioning_image_column", "caption_column", "cache_latents",
+    "validation_pairs",  # without a validation set, the pairs held out of training
 )
+DEFAULT_VALIDATION_PAIRS = 16  # conditioning-gain pairs taken from a validation set unless told otherwise
+CONTROL_METRICS = ("canny", "ssim", "none")
+CONTROL_CANNY_THRESHOLDS = (100, 200)  # canny of generated images for --control_metric canny (OpenCV's usual)
+CONTROL_SCORE_SEED = 0  # the conditioning gain's latents, noise and timesteps: the same in every run
+CONTROL_METRIC_KEYS = {"canny": "control_f1", "ssim": "control_ssim"}  # tracker names, after "validation/"
 MAX_RESOLUTION = 8192  # a --resolution above it is a typo: SDXL trains at 1024
 LR_SCHEDULERS = (
     "linear",
@@ -392,6 +398,34 @@ def build_parser():
     group.add_argument(
         "--validation_steps", type=int, default=100, help="Run validation every N optimisation steps."
     )
+    group.add_argument(
+        "--validation_pairs",
+        type=int,
+        default=None,
+        help="(Addition) Pairs on which each validation measures the conditioning gain (see README): taken from"
+        " --validation_data_dir/--validation_dataset_name when given (default: up to"
+        f" {DEFAULT_VALIDATION_PAIRS}), otherwise held out of the training data (a fixed subset drawn from the"
+        " seed; none by default, so training sees every sample, as upstream's does).",
+    )
+    group.add_argument(
+        "--validation_data_dir",
+        type=str,
+        default=None,
+        help="(Addition) A local dataset with the training data's columns whose pairs the conditioning gain is"
+        " measured on (its 'validation' split if it has one, else 'train').",
+    )
+    group.add_argument(
+        "--validation_dataset_name", type=str, default=None, help="(Addition) As --validation_data_dir, from the Hub."
+    )
+    group.add_argument(
+        "--control_metric",
+        type=str,
+        default=None,
+        choices=CONTROL_METRICS,
+        help="(Addition) How far the generated validation images follow their conditions: 'canny' (F1 of the"
+        " image's canny edges against the condition's), 'ssim' (structural similarity of image and condition, in"
+        " grey) or 'none'. Default: 'canny' with --conditioning_type canny, else 'none'.",
+    )
     group = parser.add_argument_group("Hub")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the adapter and model card to the Hub.")
     group.add_argument("--hub_token", type=str, default=None, help="Hub token (never logged or saved).")
@@ -415,6 +449,22 @@ def pair_validation_inputs(prompts, images, prompt_flag="--validation_prompt", i
         f"Got {len(prompts)} `{prompt_flag}`s and {len(images)} `{image_flag}`s: provide as many of each,"
         " or exactly one of either."
     )
+
+
+def validation_set_location(args):
+    """(flag, location) of the separate validation set, or None."""
+    if args.validation_dataset_name:
+        return "--validation_dataset_name", args.validation_dataset_name
+    if args.validation_data_dir:
+        return "--validation_data_dir", args.validation_data_dir
+    return None
+
+
+def control_metric(args):
+    """The --control_metric in effect: by default canny edges for canny adapters, nothing otherwise."""
+    if args.control_metric is not None:
+        return args.control_metric
+    return "canny" if args.conditioning_type == "canny" else "none"
 
 
 def check_args(args):
@@ -474,6 +524,23 @@ def check_args(args):
             raise ValueError(
                 f"`--cache_latents` stores one centre crop per image and cannot be combined with {', '.join(varying)}."
             )
+    if args.validation_data_dir is not None and args.validation_dataset_name is not None:
+        raise ValueError("Specify only one of `--validation_data_dir` or `--validation_dataset_name`.")
+    if args.validation_pairs is not None and args.validation_pairs < 2:
+        raise ValueError(
+            f"`--validation_pairs` must be at least 2 (the gain compares each pair's condition with another pair's),"
+            f" got {args.validation_pairs}."
+        )
+    if args.streaming and args.validation_pairs and validation_set_location(args) is None:
+        raise ValueError(
+            "`--validation_pairs` holds pairs out of a dataset loaded whole; with `--streaming`, give the pairs as"
+            " `--validation_data_dir` or `--validation_dataset_name`."
+        )
+    if args.control_metric not in (None, "none") and args.validation_prompt is None:
+        raise ValueError(
+            f"`--control_metric {args.control_metric}` scores the generated validation images: give"
+            " `--validation_prompt` and `--validation_image` too."
+        )
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {args.lr_scheduler!r}.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
@@ -667,8 +734,9 @@ def check_inputs(args):
     for flag in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "adapter_model_name_or_path"):
         check_model_location(f"--{flag}", getattr(args, flag))
     check_model_location("--tokenizer_name", args.tokenizer_name)
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise ValueError(f"`--train_data_dir` {args.train_data_dir!r} is not an existing folder.")
+    for flag in ("train_data_dir", "validation_data_dir"):
+        if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
+            raise ValueError(f"`--{flag}` {getattr(args, flag)!r} is not an existing folder.")
     for path in args.validation_image or []:
         check_image_file("--validation_image", path)
     if args.enable_xformers_memory_efficient_attention:
@@ -974,7 +1042,7 @@ def recorded_scan_samples(dataset, args):
     return bad, sizes
 
 
-def drop_or_refuse_bad_samples(dataset, args, check_samples=recorded_scan_samples):
+def drop_or_refuse_bad_samples(dataset, args, check_samples=recorded_scan_samples, kind="training"):
     """(dataset, sizes): check every sample before training (or read an earlier run's check of the
     same files), then stop with the rows at fault, or drop them with --skip_bad_samples."""
     bad, sizes = check_samples(dataset, args)
@@ -984,18 +1052,36 @@ def drop_or_refuse_bad_samples(dataset, args, check_samples=recorded_scan_sample
         columns = "columns " + ", ".join(map(repr, used_columns(args).values()))
         if not args.skip_bad_samples:
             raise ValueError(
-                f"{len(bad)} bad training sample(s) in {columns}: {listing}{more}. Fix them, or pass --skip_bad_samples."
+                f"{len(bad)} bad {kind} sample(s) in {columns}: {listing}{more}. Fix them, or pass --skip_bad_samples."
             )
-        logger.warning(f"Skipping {len(bad)} of {len(dataset)} training samples: {listing}{more}.")
+        logger.warning(f"Skipping {len(bad)} of {len(dataset)} {kind} samples: {listing}{more}.")
         bad_rows = {row for row, _ in bad}
         dataset = dataset.select([row for row in range(len(dataset)) if row not in bad_rows])
         if len(dataset) == 0:
-            raise ValueError("Every training sample is bad; nothing is left to train on.")
+            raise ValueError(f"Every {kind} sample is bad; none is left.")
     return dataset, sizes
 
 
+class TrainingData(typing.NamedTuple):
+    dataset: typing.Any  # the training split, loaded whole or (--streaming) a stream
+    sizes: typing.Optional[list]  # each row's image (height, width); None for a stream
+    control_pairs: typing.Any = None  # the rows validation measures the conditioning gain on, or None
+
+
+def hold_out_pairs(dataset, sizes, count, seed):
+    """(training rows, their sizes, held-out rows): `count` rows drawn from `seed` are left out of training."""
+    if count >= len(dataset):
+        raise ValueError(
+            f"`--validation_pairs` {count} would hold out the whole training set ({len(dataset)} samples)."
+        )
+    held_out = set(np.random.default_rng([seed, 1]).permutation(len(dataset))[:count].tolist())
+    kept = [row for row in range(len(dataset)) if row not in held_out]
+    return dataset.select(kept), [sizes[row] for row in kept], dataset.select(sorted(held_out))
+
+
 def load_train_dataset(args, seed, check_samples=recorded_scan_samples):
-    """(dataset, sizes): the checked training split and each row's image (height, width).
+    """TrainingData: the checked training split, each row's image (height, width), and the rows held
+    out for the conditioning gain (--validation_pairs without a validation set).
 
     Bad samples stop the run or are dropped (--skip_bad_samples); --max_train_samples keeps the
     first N rows of a shuffle drawn from `seed`, as upstream does.
@@ -1012,6 +1098,9 @@ def load_train_dataset(args, seed, check_samples=recorded_scan_samples):
     if len(train) == 0:
         raise ValueError("The training dataset is empty.")
     train, sizes = drop_or_refuse_bad_samples(train, args, check_samples)
+    held_out = None
+    if args.validation_pairs and validation_set_location(args) is None:
+        train, sizes, held_out = hold_out_pairs(train, sizes, args.validation_pairs, seed)
     if args.max_train_samples is not None:
         if args.max_train_samples > len(train):
             raise ValueError(
@@ -1019,7 +1108,26 @@ def load_train_dataset(args, seed, check_samples=recorded_scan_samples):
             )
         rows = np.random.default_rng(seed).permutation(len(train))[: args.max_train_samples].tolist()
         train, sizes = train.select(rows), [sizes[row] for row in rows]
-    return train, sizes
+    return TrainingData(train, sizes, held_out)
+
+
+def load_validation_set(args, check_samples=recorded_scan_samples):
+    """The first --validation_pairs rows (default up to DEFAULT_VALIDATION_PAIRS) of the validation
+    set, checked like training samples."""
+    flag, location = validation_set_location(args)
+    try:
+        splits = open_dataset(location, argparse.Namespace(**{**vars(args), "dataset_config_name": None}))
+    except Exception as error:
+        raise ValueError(f"`{flag}` {location!r} could not be loaded as a dataset: {error}") from error
+    split = next((name for name in ("validation", "train") if name in splits), next(iter(splits)))
+    pairs = splits[split]
+    check_columns(pairs.column_names, args)
+    count = args.validation_pairs or min(len(pairs), DEFAULT_VALIDATION_PAIRS)
+    if not 2 <= count <= len(pairs):
+        raise ValueError(f"`{flag}` {location!r} has {len(pairs)} sample(s) in '{split}'; {max(count, 2)} are needed.")
+    pairs, _ = drop_or_refuse_bad_samples(pairs.select(range(count)), args, check_samples, kind="validation")
+    logger.info(f"The conditioning gain is measured on {len(pairs)} pairs of {location} ('{split}').")
+    return pairs
 
 
 def load_streaming_dataset(args):
@@ -1040,10 +1148,17 @@ def load_streaming_dataset(args):
 
 
 def load_training_data(args, seed, check_samples=recorded_scan_samples):
-    """(dataset, each row's image size) loaded whole, or (stream, None) with --streaming."""
+    """TrainingData: the dataset loaded whole, or a stream with --streaming, and the pairs of the
+    conditioning gain, from the validation set or held out of the training data."""
     if args.streaming:
-        return load_streaming_dataset(args), None
-    return load_train_dataset(args, seed, check_samples)
+        data = TrainingData(load_streaming_dataset(args), None)
+    else:
+        data = load_train_dataset(args, seed, check_samples)
+    if validation_set_location(args) is not None:
+        data = data._replace(control_pairs=load_validation_set(args, check_samples))
+    elif data.control_pairs is not None:
+        logger.info(f"The conditioning gain is measured on {len(data.control_pairs)} pairs held out of training.")
+    return data
 
 
 # ------------------------------------------------------------------------------------------
@@ -1172,14 +1287,14 @@ class PairTransform:
     canny the condition is the edge map of the final crop; with cached latents the image is not
     decoded, only its size read."""
 
-    def __init__(self, args):
+    def __init__(self, args, augment=True):
         self.image_column = args.image_column
         self.conditioning_image_column = args.conditioning_image_column
         self.caption_column = args.caption_column
         self.conditioning_type = args.conditioning_type
         self.detection_resolution = args.detection_resolution
-        self.random_crop = args.random_crop
-        self.random_flip = args.random_flip
+        self.random_crop = args.random_crop and augment  # off for validation pairs: always the centre crop
+        self.random_flip = args.random_flip and augment
 
     def __call__(self, sample, target_size, seed, cached_latents=None):
         rng = random.Random(seed)
@@ -1501,7 +1616,7 @@ def make_train_dataloader(train_data, args, seed, rank, world_size, multiple, la
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    dataset, sizes = train_data
+    dataset, sizes = train_data.dataset, train_data.sizes
     buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
     transform = PairTransform(args)
     if sizes is None:  # a stream; it yields whole batches
@@ -1561,6 +1676,20 @@ def compute_time_ids(original_size, crops_coords_top_left, target_size, batch_si
     """SDXL's micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""
     time_ids = torch.tensor([list(original_size) + list(crops_coords_top_left) + list(target_size)], dtype=dtype)
     return time_ids.repeat(batch_size, 1).to(device)
+
+
+def batch_time_ids(batch, args, device=None):
+    """A batch's micro-conditioning: each sample's real size and crop (--micro_conditioning, buckets),
+    or upstream's fixed resolution and --crops_coords_top_left for all."""
+    count = len(batch["captions"])
+    if uses_micro_conditioning(args):
+        # The batch's own size: a bucket's, or the square resolution.
+        target_sizes = torch.tensor([batch["conditioning_pixel_values"].shape[-2:]], device=device)
+        real_sizes = [batch["original_sizes"].to(device), batch["crop_top_lefts"].to(device)]
+        return torch.cat([*real_sizes, target_sizes.expand(count, 2)], dim=1).float()
+    resolution = (args.resolution, args.resolution)
+    crop = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
+    return compute_time_ids(resolution, crop, resolution, count, device=device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1731,10 +1860,11 @@ def adapter_training_loss(
 
 
 @torch.no_grad()
-def encode_latents(vae, pixel_values, chunk_size=8):
-    """Sample VAE latents (scaled), at most `chunk_size` images at a time to bound memory."""
+def encode_latents(vae, pixel_values, chunk_size=8, generator=None):
+    """Sample VAE latents (scaled), at most `chunk_size` images at a time to bound memory; from the
+    global RNG unless a `generator` is given."""
     pixel_values = pixel_values.to(vae.device, dtype=vae.dtype)
-    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(chunk_size)]
+    latents = [vae.encode(chunk).latent_dist.sample(generator) for chunk in pixel_values.split(chunk_size)]
     return torch.cat(latents) * vae.config.scaling_factor
 
 
@@ -1988,6 +2118,162 @@ def log_validation_images(image_logs, trackers, step):
             logger.warning(f"Image logging is not implemented for {tracker.name}.")
 
 
+# The conditioning gain: how much the adapter's true condition lowers the training loss against
+# another pair's condition, on pairs never trained on, with noise and timesteps that are the same at
+# every validation (so that the curve moves only with the adapter). Forward passes only.
+
+
+class ControlPairs(typing.NamedTuple):
+    """The validation pairs as the loss takes them, computed once."""
+
+    latents: torch.Tensor
+    conditions: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_embeds: torch.Tensor
+    time_ids: torch.Tensor
+
+
+def control_pair_batch(rows, args):
+    """Rows of a dataset as one batch of the trainer's tensors: centre crops at --resolution, never
+    augmented; each pair's canny thresholds (--conditioning_type canny) drawn from its index."""
+    rows = undecoded_images(rows, args)
+    transform = PairTransform(args, augment=False)
+    return collate_fn([transform(rows[index], (args.resolution, args.resolution), index) for index in range(len(rows))])
+
+
+@torch.no_grad()
+def prepare_control_pairs(batch, components, args, device, seed=CONTROL_SCORE_SEED):
+    """ControlPairs on `device`: latents (a posterior sample drawn from `seed`), conditions, the first
+    caption's embeddings and the micro-conditioning. The global RNGs are left as they were."""
+    vae = components["vae"]
+    python_rng_state = random.getstate()  # select_captions draws even with no empty prompts
+    captions = select_captions(batch["captions"], 0.0, is_train=False)
+    random.setstate(python_rng_state)
+    latents = encode_latents(vae, batch["pixel_values"], generator=torch.Generator(vae.device).manual_seed(seed))
+    prompt_embeds, pooled_embeds = encode_prompt(captions, components["text_encoders"], components["tokenizers"])
+    return ControlPairs(
+        latents.float().to(device), batch["conditioning_pixel_values"].to(device), prompt_embeds.to(device),
+        pooled_embeds.to(device), batch_time_ids(batch, args, device),
+    )
+
+
+def control_pairs_for(train_data, components, args, accelerator):
+    """The validation pairs, prepared on the main process (which alone validates); None without them.
+    Called while the VAE is still on the device (--cache_latents moves it off afterwards)."""
+    if train_data.control_pairs is None or not accelerator.is_main_process:
+        return None
+    batch = control_pair_batch(train_data.control_pairs, args)
+    return prepare_control_pairs(batch, components, args, accelerator.device)
+
+
+@torch.no_grad()
+def conditioning_gain(unet, adapter, pairs, sigmas_by_timestep, prediction_type, weight_dtype, batch_size, seed=CONTROL_SCORE_SEED, draws=1):
+    """1 − loss(true conditions) / loss(conditions rolled by one pair), with the trainer's loss.
+
+    Each pair is noised `draws` times in each quarter of the timesteps (noise and timesteps drawn
+    from `seed`), so the overall gain is the gain under uniform timesteps. Returns {"overall",
+    "ranges": {"low-high": gain}, "loss_true", "loss_shuffled"} (losses: means over all draws).
+    """
+    device = pairs.latents.device
+    generator = torch.Generator(device).manual_seed(seed)
+    bounds = [len(sigmas_by_timestep) * quarter // 4 for quarter in range(5)]
+    conditions = {"true": pairs.conditions, "shuffled": pairs.conditions.roll(1, dims=0)}
+    totals = {}
+    for low, high in zip(bounds, bounds[1:]):
+        total = {"true": 0.0, "shuffled": 0.0}
+        for _ in range(draws):
+            for start in range(0, len(pairs.latents), batch_size):
+                chunk = slice(start, start + batch_size)
+                latents = pairs.latents[chunk]
+                timesteps = torch.randint(low, high, (len(latents),), generator=generator, device=device)
+                noise = torch.randn(latents.shape, generator=generator, device=device)
+                added_cond_kwargs = {"text_embeds": pairs.pooled_embeds[chunk], "time_ids": pairs.time_ids[chunk]}
+                for kind, condition in conditions.items():
+                    loss = adapter_training_loss(
+                        unet, adapter, latents, condition[chunk], pairs.prompt_embeds[chunk], added_cond_kwargs,
+                        sigmas_by_timestep, prediction_type, weight_dtype, noise=noise, timesteps=timesteps,
+                    )
+                    total[kind] += loss.item() * len(latents)
+        totals[f"{low}-{high}"] = total
+    loss_true = sum(total["true"] for total in totals.values())
+    loss_shuffled = sum(total["shuffled"] for total in totals.values())
+    count = len(pairs.latents) * draws * (len(bounds) - 1)
+    return {
+        "pairs": len(pairs.latents),
+        "overall": 1 - loss_true / loss_shuffled,
+        "ranges": {name: 1 - total["true"] / total["shuffled"] for name, total in totals.items()},
+        "loss_true": loss_true / count,
+        "loss_shuffled": loss_shuffled / count,
+    }
+
+
+def measure_control(components, adapter, args, accelerator, weight_dtype, step):
+    """The conditioning gain on the validation pairs at `step`, logged to every tracker; None without pairs."""
+    pairs = components.get("control_pairs")
+    if pairs is None:
+        return None
+    scheduler = components["noise_scheduler"]
+    score = conditioning_gain(
+        components["unet"], accelerator.unwrap_model(adapter), pairs, sigma_table(scheduler),
+        scheduler.config.prediction_type, weight_dtype, args.train_batch_size,
+    )
+    logs = {
+        "validation/conditioning_gain": score["overall"],
+        "validation/loss_true_condition": score["loss_true"],
+        "validation/loss_shuffled_condition": score["loss_shuffled"],
+    }
+    logs.update({f"validation/conditioning_gain_t{name.replace('-', '_')}": gain for name, gain in score["ranges"].items()})
+    accelerator.log(logs, step=step)
+    logger.info(f"Conditioning gain at step {step}: {score['overall']:.4f} (loss {score['loss_true']:.5f} with the"
+                f" true condition, {score['loss_shuffled']:.5f} with another pair's).")
+    return score
+
+
+# How far generated images follow their conditions, the way ControlNet++ (Li et al., 2024) scores
+# it: the condition is extracted back from the generated image and compared with the input.
+
+
+def edge_f1(condition, image, thresholds=CONTROL_CANNY_THRESHOLDS):
+    """F1 of the image's canny edges against the condition's edges (white on black), pixel for pixel."""
+    wanted = np.asarray(condition.convert("L")) > 127
+    found = np.asarray(canny_condition(image, *thresholds))[..., 0] > 0
+    matched = np.logical_and(wanted, found).sum()
+    if matched == 0:
+        return float(not wanted.any() and not found.any())
+    precision, recall = matched / found.sum(), matched / wanted.sum()
+    return float(2 * precision * recall / (precision + recall))
+
+
+def ssim(first, second, window_size=11, sigma=1.5):
+    """Structural similarity of two images in grey (Wang et al., 2004: a Gaussian window, σ 1.5,
+    over the valid region); 1 for equal images."""
+    pixels = [torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32))[None, None] for image in (first, second)]
+    offsets = torch.arange(window_size, dtype=torch.float32) - (window_size - 1) / 2
+    weights = torch.exp(-(offsets**2) / (2 * sigma**2))
+    weights = weights / weights.sum()
+    window = (weights[:, None] * weights[None, :])[None, None]
+
+    def local_mean(values):
+        return torch.nn.functional.conv2d(values, window)
+
+    a, b = pixels
+    mean_a, mean_b = local_mean(a), local_mean(b)
+    var_a, var_b = local_mean(a * a) - mean_a**2, local_mean(b * b) - mean_b**2
+    covariance = local_mean(a * b) - mean_a * mean_b
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    similarity = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)) / (
+        (mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)
+    )
+    return float(similarity.mean())
+
+
+def control_score(metric, condition, image):
+    """--control_metric of one generated image against its condition (same size)."""
+    if image.size != condition.size:
+        image = image.resize(condition.size, Image.BILINEAR)
+    return edge_f1(condition, image) if metric == "canny" else ssim(condition, image)
+
+
 def validation_dtype(device, weight_dtype):
     """The dtype validation runs in. CUDA autocast covers the mixed dtypes of a reduced-precision
     pipeline; CPU and MPS autocast do not cover group norm, so there validation runs in float32."""
@@ -2066,6 +2352,13 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
         cast_to(model, weight_dtype)
     components["vae"].to(vae_device)
     log_validation_images(image_logs, accelerator.trackers, step)
+    metric = control_metric(args)
+    if metric != "none":
+        for log in image_logs:
+            log["control_scores"] = [control_score(metric, log["validation_image"], image) for image in log["images"]]
+        mean_score = float(np.mean([score for log in image_logs for score in log["control_scores"]]))
+        accelerator.log({f"validation/{CONTROL_METRIC_KEYS[metric]}": mean_score}, step=step)
+        logger.info(f"Validation images at step {step}: {CONTROL_METRIC_KEYS[metric]} {mean_score:.4f}.")
     return image_logs
 
 
@@ -2327,7 +2620,7 @@ def build_training(adapter, args, accelerator, max_train_steps):
 
 
 def log_run_summary(args, accelerator, train_data, batches_per_epoch, max_train_steps, seed):
-    dataset, sizes = train_data
+    dataset, sizes = train_data.dataset, train_data.sizes
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     if sizes is None:
@@ -2369,7 +2662,7 @@ class RunHooks:
 def run_settings(args, num_processes, train_data):
     """The settings a resumed run must share with the run it continues to continue it exactly; saved
     in each checkpoint."""
-    dataset, sizes = train_data
+    dataset, sizes = train_data.dataset, train_data.sizes
     return {
         "learning_rate": learning_rate(args, num_processes),
         "processes": num_processes,
@@ -2418,15 +2711,7 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
         latents = encode_latents(vae, batch["pixel_values"])
     captions = select_captions(batch["captions"], args.proportion_empty_prompts)
     prompt_embeds, pooled_embeds = hooks.encode_prompt(captions, components)
-    if uses_micro_conditioning(args):
-        # The batch's own size: a bucket's, or the square resolution.
-        target_sizes = torch.tensor([batch["conditioning_pixel_values"].shape[-2:]], device=device)
-        real_sizes = [batch["original_sizes"].to(device), batch["crop_top_lefts"].to(device)]
-        time_ids = torch.cat([*real_sizes, target_sizes.expand(len(captions), 2)], dim=1).float()
-    else:
-        resolution = (args.resolution, args.resolution)
-        crop = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
-        time_ids = compute_time_ids(resolution, crop, resolution, len(captions), device=device)
+    time_ids = batch_time_ids(batch, args, device)
     return hooks.training_loss(
         components["unet"],
         adapter,
@@ -2541,9 +2826,9 @@ class PreemptionHandler:
         self.restore()
 
 
-def model_card_training_details(args, steps, num_processes):
-    """The run's settings worth stating on the model card."""
-    return {
+def model_card_training_details(args, steps, num_processes, validation=None):
+    """The run's settings worth stating on the model card, and its last validation's control scores."""
+    details = {
         "data": args.dataset_name or args.train_data_dir,
         "conditioning": args.conditioning_type if args.conditioning_type != "image" else args.conditioning_image_column,
         "optimisation steps": steps,
@@ -2553,13 +2838,33 @@ def model_card_training_details(args, steps, num_processes):
         "learning rate": f"{learning_rate(args, num_processes)} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
         "mixed precision": args.mixed_precision or "accelerate's default",
     }
+    if validation and validation["control"]:
+        score = validation["control"]
+        ranges = ", ".join(f"t in [{name.replace('-', ', ')}): {gain:.3f}" for name, gain in score["ranges"].items())
+        source = validation_set_location(args)
+        source = f"from {source[1]}" if source else "held out of training"
+        details["conditioning gain"] = (
+            f"{score['overall']:.3f} at step {validation['step']} ({ranges}), on {score['pairs']} pairs {source}:"
+            f" 1 − loss with the true condition ({score['loss_true']:.5f}) / loss with another pair's condition"
+            f" ({score['loss_shuffled']:.5f}), the training loss with the same noise and timesteps, one per pair in"
+            " each quarter of the timesteps. 0: the condition is ignored."
+        )
+    if validation and validation["logs"] and "control_scores" in validation["logs"][0]:
+        scores = [score for log in validation["logs"] for score in log["control_scores"]]
+        metric = control_metric(args)
+        how = "canny edges of the image against the condition" if metric == "canny" else "image and condition in grey"
+        details[CONTROL_METRIC_KEYS[metric]] = f"{np.mean(scores):.3f} over {len(scores)} validation images ({how})"
+    return details
 
 
 def validate(components, adapter, args, accelerator, weight_dtype, step):
-    """{"step", "logs"} of a validation at `step`, or None without validation prompts."""
-    if args.validation_prompt is None:
-        return None
-    return {"step": step, "logs": run_validation(components, adapter, args, accelerator, weight_dtype, step)}
+    """{"step", "control", "logs"} of a validation at `step`: the conditioning gain on the validation
+    pairs and the images of the validation prompts, each None when not asked for; None for neither."""
+    control = measure_control(components, adapter, args, accelerator, weight_dtype, step)
+    logs = None
+    if args.validation_prompt is not None:
+        logs = run_validation(components, adapter, args, accelerator, weight_dtype, step)
+    return None if control is None and logs is None else {"step": step, "control": control, "logs": logs}
 
 
 def report_step(step, step_loss, lr_scheduler, progress_bar, accelerator, hooks):
@@ -2579,7 +2884,7 @@ def create_hub_repo(args, accelerator):
     return create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token, private=True).repo_id
 
 
-def finish_training(accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id, preemption):
+def finish_training(accelerator, adapter, components, args, weight_dtype, global_step, validation, repo_id, preemption):
     """The adapter in diffusers format, the final validation (unless this step was just validated),
     the model card and the Hub upload. The adapter is saved first, and the stop-signal handler is
     still on: a signal in this phase skips the validation and the upload, never the save."""
@@ -2589,10 +2894,10 @@ def finish_training(accelerator, adapter, components, args, weight_dtype, global
     with open(os.path.join(args.output_dir, FINISHED_FILE), "w") as f:  # a requeue finds the run complete
         json.dump({"step": global_step}, f)
     logger.info(f"Saved the adapter to {args.output_dir}")
-    if preemption.received is None and (image_logs is None or image_logs["step"] != global_step):
-        image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step)
-    logs = image_logs["logs"] if image_logs else None
-    details = model_card_training_details(args, global_step, accelerator.num_processes)
+    if preemption.received is None and (validation is None or validation["step"] != global_step):
+        validation = validate(components, adapter, args, accelerator, weight_dtype, global_step)
+    logs = validation["logs"] if validation else None
+    details = model_card_training_details(args, global_step, accelerator.num_processes, validation)
     save_model_card(
         repo_id or Path(args.output_dir).name, logs, args.pretrained_model_name_or_path, args.output_dir, details
     )
@@ -2619,6 +2924,7 @@ def training_run(args, adapter_config, accelerator, hooks):
     components = load_models(args, adapter_config)
     weight_dtype = set_up_models(components, args, accelerator)
     sigmas_by_timestep = sigma_table(components["noise_scheduler"]).to(accelerator.device)
+    components["control_pairs"] = control_pairs_for(train_data, components, args, accelerator)
     train_dataloader, batches_per_epoch = make_train_dataloader(
         train_data, args, seed, accelerator.process_index, accelerator.num_processes,
         adapter_total_downscale(adapter_config), latent_files_for(train_data, components, args, accelerator),
@@ -2639,7 +2945,9 @@ def training_run(args, adapter_config, accelerator, hooks):
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    image_logs, losses = None, StepLosses(accelerator.device)
+    if global_step == 0 and accelerator.is_main_process:  # the curve starts from the untrained adapter
+        measure_control(components, adapter, args, accelerator, weight_dtype, 0)
+    validation, losses = None, StepLosses(accelerator.device)
     with PreemptionHandler() as preemption:
         # A run resumed at its last step (stopped before its final save) only finishes.
         for batch in train_dataloader if global_step < max_train_steps else ():
@@ -2659,7 +2967,7 @@ def training_run(args, adapter_config, accelerator, hooks):
                 data_state = {"seed": seed, "run": run, "settings": settings, "loader": train_dataloader.state_dict()}
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process and not stopping:
-                image_logs = validate(components, adapter, args, accelerator, weight_dtype, global_step) or image_logs
+                validation = validate(components, adapter, args, accelerator, weight_dtype, global_step) or validation
             if stopping:
                 preemption.stop(accelerator, global_step, os.path.join(args.output_dir, f"checkpoint-{global_step}"))
             if global_step >= max_train_steps:
@@ -2669,7 +2977,7 @@ def training_run(args, adapter_config, accelerator, hooks):
 
         accelerator.wait_for_everyone()
         finish_training(
-            accelerator, adapter, components, args, weight_dtype, global_step, image_logs, repo_id, preemption
+            accelerator, adapter, components, args, weight_dtype, global_step, validation, repo_id, preemption
         )
         if preemption.received is not None:  # during the final phase, after the adapter was saved
             preemption.stop(accelerator, global_step, f"the adapter in {args.output_dir}")

@@ -4,7 +4,9 @@
 #   2. build a tiny SDXL (diffusers format) whose UNet and VAE were pretrained on fill images
 #      (assets/tiny-fill-base: it draws coloured discs, but cannot know where), and a fill50k-style
 #      dataset of circles;
-#   3. train an adapter with `accelerate launch`, validating on held-out circles;
+#   3. train an adapter with `accelerate launch`, validating on held-out circles: every 100 steps
+#      (and before the first) the conditioning gain on 32 pairs held out of training, logged to
+#      tensorboard and plotted to demo/control_curve.png;
 #   4. score the adapter on held-out circles (scripts/evaluate.py: conditioning gain, and IoU of
 #      the generated disc with the condition's circle, against a shuffled condition and the base alone);
 #   5. generate with the trained adapter through StableDiffusionXLAdapterPipeline.
@@ -37,13 +39,16 @@ $PY -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_pre
     --learning_rate 1e-3 \
     --max_train_steps "$STEPS" \
     --checkpointing_steps "$STEPS" \
-    --validation_steps "$STEPS" \
+    --validation_steps 100 \
+    --validation_pairs 32 \
     --validation_prompt "${VALIDATION_PROMPTS[@]}" \
     --validation_image "${VALIDATION_IMAGES[@]}" \
     --num_validation_images 2 \
     --dataloader_num_workers 1 \
     --seed 0
 
+echo
+$PY scripts/plot_control_curve.py --logdir "$OUT/adapter/logs" --output "$OUT/control_curve.png"
 echo
 $PY scripts/evaluate.py --pretrained_model_name_or_path "$OUT/tiny-sdxl" --adapter "$OUT/adapter" \
     --num_samples 128 --noise_draws 1 --seeds 0 1 --num_images 32 \
@@ -54,5 +59,5 @@ $PY scripts/generate.py --pretrained_model_name_or_path "$OUT/tiny-sdxl" --adapt
     --num_inference_steps 20 --output_dir "$OUT/samples"
 echo
 echo "Demo done: adapter in $OUT/adapter (model card README.md, images_*.png), scores in $OUT/evaluation.json"
-echo "(grid: $OUT/evaluation.png), samples in $OUT/samples/grid.png,"
+echo "(grid: $OUT/evaluation.png), the control curve in $OUT/control_curve.png, samples in $OUT/samples/grid.png,"
 echo "tensorboard logs in $OUT/adapter/logs (tensorboard --logdir $OUT/adapter/logs)."

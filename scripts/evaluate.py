@@ -1,31 +1,41 @@
 #!/usr/bin/env python
-"""Score how much a T2I-Adapter controls its SDXL base, on held-out fill samples.
+"""Score how much a T2I-Adapter controls its SDXL base, on pairs it was not trained on.
 
-Two numbers, for any (base, adapter) pair:
+Two scores, for any (base, adapter) pair and any dataset with conditions:
 
-* **Conditioning gain** = 1 − loss(true condition) / loss(another sample's condition), where both
-  losses are the trainer's own ``adapter_training_loss`` with the same latents, noise, timesteps
-  and prompts; the other condition is the batch rolled by one. 0 means the adapter ignores its
-  input; 0.3 means the true condition removes 30% of the denoising error that a wrong one leaves.
-  It is reported over uniform timesteps and per timestep range, for each ``--seeds`` value (which
-  draws the latents' posterior samples, the noise and the timesteps).
-* **Control fidelity**: images are generated from the held-out conditions and prompts
-  (``StableDiffusionXLAdapterPipeline``) and compared with the condition's circle: the IoU between
-  the circle's disc (known geometry) and the generated image's foreground, i.e. the pixels whose
-  colour is nearer the prompt's fill colour than its background colour. It is reported for the
-  adapter with the true condition, for the adapter with a shuffled condition (scored against the
-  prompt's own circle) and for the base alone (``StableDiffusionXLPipeline``, same prompts and
-  seeds): an adapter that controls placement scores clearly above the other two.
+* **Conditioning gain** = 1 − loss(true condition) / loss(another pair's condition), computed by the
+  trainer's own ``conditioning_gain`` (the one each validation logs): the trainer's loss with the
+  same latents, noise, timesteps and prompts, the other condition being the pairs rolled by one.
+  0 means the adapter ignores its input; 0.3 means the true condition removes 30% of the denoising
+  error that a wrong one leaves. It is reported over uniform timesteps and per quarter of the
+  timesteps, for each ``--seeds`` value (which draws the latents' posterior samples, the noise and
+  the timesteps).
+* **Controllability of generated images**: images are generated from the pairs' conditions and
+  prompts (``StableDiffusionXLAdapterPipeline``) and compared with the condition, for the adapter
+  with the true condition, for the adapter with a shuffled condition (scored against the prompt's
+  own condition) and for the base alone (``StableDiffusionXLPipeline``, same prompts and seeds):
+  an adapter that controls its images scores clearly above the other two. ``--control_metric``:
 
-The held-out samples come from ``make_fill_dataset.make_fill_sample`` with a random stream of their
-own (``--data_seed``), distinct from the training set's and the pretraining's.
+  - ``iou`` (fill data, the default without a dataset): the IoU between the condition's disc (known
+    geometry) and the image's foreground, i.e. the pixels whose colour is nearer the prompt's fill
+    colour than its background colour;
+  - ``canny`` (the default with ``--conditioning_type canny``): F1 of the image's canny edges
+    against the condition's edges, as ControlNet++ (Li et al., 2024) scores edge control;
+  - ``ssim`` (the default for other datasets): structural similarity of image and condition in grey.
+
+The pairs are either fill samples made by ``make_fill_dataset.make_fill_sample`` with a random stream
+of their own (``--data_seed``), distinct from the training set's and the pretraining's, or the first
+rows of ``--data_dir`` / ``--dataset_name`` (an imagefolder, parquet files, WebDataset shards: anything
+the trainer reads), centre-cropped at ``--resolution`` as the trainer's validation pairs are.
 
 Without ``--adapter``, a freshly initialised (untrained) adapter is scored: the "step 0" numbers.
 
-Example:
+Examples:
 
     python scripts/evaluate.py --pretrained_model_name_or_path demo/tiny-sdxl --adapter demo/adapter \\
         --output_json demo/evaluation.json --grid demo/evaluation.png
+    python scripts/evaluate.py --pretrained_model_name_or_path my-sdxl --adapter my-canny-adapter \\
+        --data_dir my-canny-data --conditioning_image_column conditioning_image --resolution 1024
 """
 
 import argparse
@@ -37,7 +47,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torchvision.transforms.functional import to_tensor
+from torchvision.transforms.functional import to_pil_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
@@ -45,19 +55,30 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 import train_t2i_adapter_sdxl as train  # noqa: E402
 from make_fill_dataset import COLORS, make_fill_sample  # noqa: E402
 
-TIMESTEP_RANGES = ((0, 250), (250, 500), (500, 750), (750, 1000))
-
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Conditioning gain and control fidelity of a T2I-Adapter on held-out fill samples.")
+    parser = argparse.ArgumentParser(
+        description="Conditioning gain and controllability of a T2I-Adapter on pairs it was not trained on."
+    )
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="The SDXL base (diffusers folder).")
     parser.add_argument("--adapter", default=None, help="Adapter folder; without it an untrained adapter is scored.")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--data_seed", type=int, default=1, help="Seed of the held-out samples' stream.")
-    parser.add_argument("--num_samples", type=int, default=128, help="Held-out samples for the conditioning gain.")
-    parser.add_argument("--noise_draws", type=int, default=2, help="Noise/timestep draws per sample and timestep range.")
+    data = parser.add_argument_group("Pairs (default: held-out fill samples)")
+    data.add_argument("--data_dir", default=None, help="A dataset folder (imagefolder, parquet, shards).")
+    data.add_argument("--dataset_name", default=None, help="A dataset `datasets.load_dataset` finds by name.")
+    data.add_argument("--split", default=None, help="Its split (default: validation, else test, else train).")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--conditioning_image_column", default="conditioning_image")
+    data.add_argument("--caption_column", default="text")
+    data.add_argument("--conditioning_type", choices=["image", "canny"], default="image",
+                      help="'canny': conditions are the canny edges of the images (as the trainer's).")
+    data.add_argument("--data_seed", type=int, default=1, help="Seed of the held-out fill samples' stream.")
+    parser.add_argument("--num_samples", type=int, default=128, help="Pairs for the conditioning gain.")
+    parser.add_argument("--noise_draws", type=int, default=2, help="Noise/timestep draws per pair and timestep quarter.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Seeds of the gain's noise (one row each).")
-    parser.add_argument("--num_images", type=int, default=32, help="Held-out samples generated for control fidelity.")
+    parser.add_argument("--control_metric", choices=["iou", "canny", "ssim"], default=None,
+                        help="Default: iou for fill samples, canny with --conditioning_type canny, else ssim.")
+    parser.add_argument("--num_images", type=int, default=32, help="Pairs generated from for controllability.")
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=5.0)
     parser.add_argument("--batch_size", type=int, default=32)
@@ -65,11 +86,19 @@ def parse_args(argv=None):
     parser.add_argument("--grid", default=None, help="Write a PNG: condition, target, adapter, shuffled, base per row.")
     parser.add_argument("--grid_rows", type=int, default=8)
     parser.add_argument("--num_threads", type=int, default=1, help="torch threads (tiny models gain nothing from more).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.data_dir and args.dataset_name:
+        parser.error("give only one of --data_dir and --dataset_name")
+    uses_dataset = bool(args.data_dir or args.dataset_name)
+    if args.control_metric is None:
+        args.control_metric = "canny" if args.conditioning_type == "canny" else ("ssim" if uses_dataset else "iou")
+    if args.control_metric == "iou" and uses_dataset:
+        parser.error("--control_metric iou needs the held-out fill samples' circles: use it without a dataset")
+    return args
 
 
 # ----------------------------------------------------------------------------
-# Held-out data and models
+# Pairs and models
 # ----------------------------------------------------------------------------
 
 
@@ -79,11 +108,46 @@ def held_out_samples(num_samples, resolution=64, data_seed=1):
     return [make_fill_sample(rng, resolution) for _ in range(num_samples)]
 
 
-def samples_to_tensors(samples, resolution):
-    """Pixel values in [-1, 1], conditions in [0, 1] (the trainer's transforms) and captions."""
-    pixel_values = torch.stack([train.to_training_pixels(train.centre_crop(target, resolution)) for target, *_ in samples])
-    conditions = torch.stack([to_tensor(train.centre_crop(condition, resolution)) for _, condition, *_ in samples])
-    return pixel_values, conditions, [caption for _, _, caption, _ in samples]
+def trainer_args(args):
+    """The trainer's flags that its data functions read, from ours."""
+    return train.build_parser().parse_args([
+        "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+        "--resolution", str(args.resolution),
+        "--image_column", args.image_column,
+        "--conditioning_image_column", args.conditioning_image_column,
+        "--caption_column", args.caption_column,
+        "--conditioning_type", args.conditioning_type,
+    ])
+
+
+def fill_rows(samples):
+    """Fill samples as dataset rows (PNG-encoded images), the form the trainer's pairs come in."""
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    features = Features({"image": ImageFeature(), "conditioning_image": ImageFeature(), "text": Value("string")})
+    columns = {"image": [s[0] for s in samples], "conditioning_image": [s[1] for s in samples],
+               "text": [s[2] for s in samples]}
+    return Dataset.from_dict(columns, features=features)
+
+
+def dataset_rows(args, count):
+    """The first `count` rows of --data_dir / --dataset_name's split."""
+    from datasets import Dataset
+
+    splits = train.open_dataset(args.data_dir or args.dataset_name, trainer_args(args))
+    split = args.split or next((name for name in ("validation", "test", "train") if name in splits), next(iter(splits)))
+    rows = splits[split]
+    train.check_columns(rows.column_names, trainer_args(args))
+    if not isinstance(rows, Dataset) or len(rows) < 2:
+        raise SystemExit(f"The split {split!r} has {len(rows)} rows; the gain needs at least 2.")
+    return rows.select(range(min(count, len(rows))))
+
+
+def pair_images(batch):
+    """(conditions, targets) of a pair batch as PIL images at the training crop."""
+    conditions = [to_pil_image(condition) for condition in batch["conditioning_pixel_values"]]
+    targets = [to_pil_image((pixels + 1) / 2) for pixels in batch["pixel_values"]]
+    return conditions, targets
 
 
 def load_components(base):
@@ -118,63 +182,18 @@ def load_adapter(adapter_dir, components, seed=0):
 # ----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def paired_losses(components, adapter, latents, conditions, prompt_embeds, added_cond_kwargs, noise, timesteps):
-    """adapter_training_loss with the true conditions and with the batch's conditions rolled by one."""
-    sigmas_by_timestep = train.sigma_table(components["noise_scheduler"])
-    prediction_type = components["noise_scheduler"].config.prediction_type
-    losses = []
-    for condition in (conditions, conditions.roll(1, dims=0)):
-        losses.append(
-            train.adapter_training_loss(
-                components["unet"], adapter, latents, condition, prompt_embeds, added_cond_kwargs,
-                sigmas_by_timestep, prediction_type, torch.float32, noise=noise, timesteps=timesteps,
-            ).item()
-        )
-    return losses
-
-
-@torch.no_grad()
-def conditioning_gain(components, adapter, samples, seed=0, noise_draws=2, batch_size=32, ranges=TIMESTEP_RANGES):
-    """1 − loss(true condition) / loss(rolled condition) on `samples`, overall and per timestep range.
-
-    Every range gets `noise_draws` draws of (noise, uniform timesteps in the range) per sample, so
-    "overall" is the gain under uniform timesteps. Returns ``{"overall", "ranges": {"lo-hi": gain},
-    "loss_true", "loss_shuffled"}`` (losses: means over all draws).
-    """
-    resolution = samples[0][0].width
-    pixel_values, conditions, captions = samples_to_tensors(samples, resolution)
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # encode_latents draws the posterior sample from the global RNG
-    totals = {r: [0.0, 0.0] for r in ranges}
-    for start in range(0, len(samples), batch_size):
-        chunk = slice(start, start + batch_size)
-        latents = train.encode_latents(components["vae"], pixel_values[chunk])
-        prompt_embeds, pooled = train.encode_prompt(captions[chunk], components["text_encoders"], components["tokenizers"])
-        time_ids = train.compute_time_ids((resolution, resolution), (0, 0), (resolution, resolution), len(latents))
-        added = {"text_embeds": pooled, "time_ids": time_ids}
-        for low, high in ranges:
-            for _ in range(noise_draws):
-                timesteps = torch.randint(low, high, (len(latents),), generator=generator)
-                noise = torch.randn(latents.shape, generator=generator)
-                true, shuffled = paired_losses(
-                    components, adapter, latents, conditions[chunk], prompt_embeds, added, noise, timesteps
-                )
-                totals[(low, high)][0] += true * len(latents)
-                totals[(low, high)][1] += shuffled * len(latents)
-    loss_true = sum(t for t, _ in totals.values())
-    loss_shuffled = sum(s for _, s in totals.values())
-    count = len(samples) * noise_draws * len(ranges)
-    return {
-        "overall": 1 - loss_true / loss_shuffled,
-        "ranges": {f"{low}-{high}": 1 - t / s for (low, high), (t, s) in totals.items()},
-        "loss_true": loss_true / count,
-        "loss_shuffled": loss_shuffled / count,
-    }
+def conditioning_gain(components, adapter, batch, args_for_trainer, seed=0, noise_draws=2, batch_size=32):
+    """The trainer's conditioning gain on a pair batch (control_pair_batch), its latents and noise from `seed`."""
+    pairs = train.prepare_control_pairs(batch, components, args_for_trainer, torch.device("cpu"), seed=seed)
+    scheduler = components["noise_scheduler"]
+    return train.conditioning_gain(
+        components["unet"], adapter, pairs, train.sigma_table(scheduler), scheduler.config.prediction_type,
+        torch.float32, batch_size, seed=seed, draws=noise_draws,
+    )
 
 
 # ----------------------------------------------------------------------------
-# Control fidelity
+# Controllability of generated images
 # ----------------------------------------------------------------------------
 
 
@@ -212,6 +231,13 @@ def fidelity_scores(images, circles):
 def control_fidelity(images, circles):
     """Mean IoU of `images` against their circles (1.0: every disc drawn exactly where its condition is)."""
     return float(np.mean(fidelity_scores(images, circles)))
+
+
+def controllability(metric, images, conditions, circles=None):
+    """Mean --control_metric of generated `images` against the conditions they should follow."""
+    if metric == "iou":
+        return control_fidelity(images, circles)
+    return float(np.mean([train.control_score(metric, condition, image) for condition, image in zip(conditions, images)]))
 
 
 def make_pipelines(base, components, adapter):
@@ -253,31 +279,29 @@ def generate(pipe, prompts, conditions=None, seed=0, num_inference_steps=20, gui
     return images
 
 
-def fidelity_table(base, components, adapter, samples, seed=0, num_inference_steps=20, guidance_scale=5.0, batch_size=32):
-    """IoU for the adapter with true and shuffled conditions and for the base alone; also the images."""
+def controllability_table(base, components, adapter, prompts, conditions, metric, circles=None, seed=0,
+                          num_inference_steps=20, guidance_scale=5.0, resolution=64, batch_size=32):
+    """The metric for the adapter with true and shuffled conditions and for the base alone; also the images."""
     adapter_pipe, base_pipe = make_pipelines(base, components, adapter)
-    prompts = [caption for _, _, caption, _ in samples]
-    circles = [circle for *_, circle in samples]
-    conditions = [condition for _, condition, _, _ in samples]
-    shuffled = conditions[-1:] + conditions[:-1]  # the batch rolled by one, as for the gain
+    shuffled = conditions[-1:] + conditions[:-1]  # rolled by one, as for the gain
     common = {"seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-              "resolution": samples[0][0].width, "batch_size": batch_size}
+              "resolution": resolution, "batch_size": batch_size}
     images = {
         "adapter, true condition": generate(adapter_pipe, prompts, conditions, **common),
         "adapter, shuffled condition": generate(adapter_pipe, prompts, shuffled, **common),
         "base alone": generate(base_pipe, prompts, None, **common),
     }
-    scores = {name: control_fidelity(generated, circles) for name, generated in images.items()}
+    scores = {name: controllability(metric, generated, conditions, circles) for name, generated in images.items()}
     return scores, images
 
 
-def save_grid(path, samples, images, rows):
+def save_grid(path, conditions, targets, images, rows):
     """Per row: condition, target, adapter (true condition), adapter (shuffled), base alone."""
     from generate import make_grid
 
     grid_rows = [
-        [samples[i][1], samples[i][0], *(generated[i] for generated in images.values())]
-        for i in range(min(rows, len(samples)))
+        [conditions[i], targets[i], *(generated[i] for generated in images.values())]
+        for i in range(min(rows, len(conditions)))
     ]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     make_grid(grid_rows).save(path)
@@ -287,8 +311,14 @@ def save_grid(path, samples, images, rows):
 # Main
 # ----------------------------------------------------------------------------
 
+METRIC_NAMES = {
+    "iou": "IoU of the generated disc with the condition's circle",
+    "canny": "F1 of the generated image's canny edges against the condition's",
+    "ssim": "SSIM of the generated image and the condition, in grey",
+}
 
-def format_table(gains, fidelity, adapter_label):
+
+def format_table(gains, scores, adapter_label, metric):
     ranges = list(next(iter(gains.values()))["ranges"])
     lines = [f"Conditioning gain ({adapter_label}): 1 - loss(true condition) / loss(shuffled condition)", ""]
     lines.append("| seed | all t | " + " | ".join(f"t in [{r.replace('-', ', ')})" for r in ranges) + " |")
@@ -298,9 +328,9 @@ def format_table(gains, fidelity, adapter_label):
     overall = [g["overall"] for g in gains.values()]
     lines.append(f"| mean | {np.mean(overall):.3f} (spread {np.ptp(overall):.3f}) | " + " | ".join(
         f"{np.mean([g['ranges'][r] for g in gains.values()]):.3f}" for r in ranges) + " |")
-    lines += ["", "Control fidelity: IoU of the generated disc with the condition's circle", ""]
-    lines += ["| generation | IoU |", "| --- | --- |"]
-    lines += [f"| {name} | {score:.3f} |" for name, score in fidelity.items()]
+    lines += ["", f"Controllability: {METRIC_NAMES[metric]}", ""]
+    lines += [f"| generation | {metric} |", "| --- | --- |"]
+    lines += [f"| {name} | {score:.3f} |" for name, score in scores.items()]
     return "\n".join(lines)
 
 
@@ -308,24 +338,38 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
     start = time.perf_counter()
+    count = max(args.num_samples, args.num_images)
+    samples = None
+    if args.data_dir or args.dataset_name:
+        rows = dataset_rows(args, count)
+    else:
+        samples = held_out_samples(count, args.resolution, args.data_seed)
+        rows = fill_rows(samples)
+    args_for_trainer = trainer_args(args)
+    batch = train.control_pair_batch(rows, args_for_trainer)
     components = load_components(args.pretrained_model_name_or_path)
     adapter = load_adapter(args.adapter, components)
     adapter_label = args.adapter or "untrained adapter"
-    samples = held_out_samples(max(args.num_samples, args.num_images), args.resolution, args.data_seed)
 
+    gain_batch = {key: value[: args.num_samples] for key, value in batch.items()}
     gains = {
-        seed: conditioning_gain(components, adapter, samples[: args.num_samples], seed, args.noise_draws, args.batch_size)
+        seed: conditioning_gain(components, adapter, gain_batch, args_for_trainer, seed, args.noise_draws, args.batch_size)
         for seed in args.seeds
     }
-    fidelity, images = fidelity_table(
-        args.pretrained_model_name_or_path, components, adapter, samples[: args.num_images], seed=0,
-        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+    conditions, targets = pair_images({key: value[: args.num_images] for key, value in batch.items()})
+    prompts = train.select_captions(batch["captions"][: args.num_images], 0.0, is_train=False)
+    circles = [circle for *_, circle in samples[: args.num_images]] if samples else None
+    scores, images = controllability_table(
+        args.pretrained_model_name_or_path, components, adapter, prompts, conditions, args.control_metric, circles,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        resolution=args.resolution, batch_size=args.batch_size,
     )
-    print(format_table(gains, fidelity, adapter_label))
-    print(f"\n({args.num_samples} held-out samples x {len(TIMESTEP_RANGES)} ranges x {args.noise_draws} draws for the gain,"
-          f" {args.num_images} images at {args.num_inference_steps} steps for the IoU; {time.perf_counter() - start:.0f}s)")
+    print(format_table(gains, scores, adapter_label, args.control_metric))
+    print(f"\n({len(gain_batch['captions'])} pairs x 4 timestep quarters x {args.noise_draws} draws for the gain,"
+          f" {len(prompts)} images at {args.num_inference_steps} steps for {args.control_metric};"
+          f" {time.perf_counter() - start:.0f}s)")
     if args.grid:
-        save_grid(args.grid, samples, images, args.grid_rows)
+        save_grid(args.grid, conditions, targets, images, args.grid_rows)
         print(f"Grid (condition, target, adapter, adapter with a shuffled condition, base alone): {args.grid}")
     if args.output_json:
         result = {
@@ -334,7 +378,8 @@ def main(argv=None):
             "settings": vars(args),
             "conditioning_gain": {str(seed): gain for seed, gain in gains.items()},
             "conditioning_gain_mean": float(np.mean([g["overall"] for g in gains.values()])),
-            "control_fidelity_iou": fidelity,
+            "control_metric": args.control_metric,
+            "controllability": scores,
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
         with open(args.output_json, "w") as f:

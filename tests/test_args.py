@@ -333,3 +333,36 @@ def test_non_positive_counts_are_refused(flag, value):
 def test_zero_dataloader_workers_is_accepted():
     """0 workers means loading in the main process: allowed."""
     assert train.parse_args(MINIMAL + ["--dataloader_num_workers", "0"]).dataloader_num_workers == 0
+
+
+@pytest.mark.parametrize("value", ["1", "0", "-3"])
+def test_fewer_than_two_validation_pairs_are_refused(value):
+    """The gain compares each pair's condition with another pair's: one pair cannot be compared."""
+    check_error(MINIMAL + ["--validation_pairs", value], "--validation_pairs", value, "at least 2")
+
+
+def test_both_validation_set_flags_are_refused():
+    check_error(MINIMAL + ["--validation_data_dir", "a", "--validation_dataset_name", "b"],
+                "--validation_data_dir", "--validation_dataset_name")
+
+
+def test_validation_pairs_held_out_of_a_stream_are_refused_naming_the_alternative():
+    check_error(MINIMAL + ["--streaming", "--max_train_steps", "5", "--validation_pairs", "8"],
+                "--validation_pairs", "--streaming", "--validation_data_dir")
+    args = train.parse_args(MINIMAL + ["--streaming", "--max_train_steps", "5", "--validation_pairs", "8",
+                                       "--validation_data_dir", "pairs"])
+    assert args.validation_pairs == 8
+
+
+def test_a_control_metric_without_validation_images_is_refused():
+    check_error(MINIMAL + ["--control_metric", "canny"], "--control_metric canny", "--validation_prompt")
+    assert train.parse_args(MINIMAL + ["--control_metric", "none"]).control_metric == "none"
+
+
+@pytest.mark.parametrize("conditioning_type,given,expected", [
+    ("canny", None, "canny"), ("image", None, "none"), ("image", "ssim", "ssim"), ("canny", "none", "none"),
+])
+def test_the_control_metric_defaults_to_canny_for_canny_adapters(conditioning_type, given, expected):
+    extra = ["--validation_prompt", "p", "--validation_image", "c.png", "--conditioning_type", conditioning_type]
+    args = train.parse_args(MINIMAL + extra + (["--control_metric", given] if given else []))
+    assert train.control_metric(args) == expected

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import train_t2i_adapter_sdxl as train
-from helpers import RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv
+from helpers import (
+    RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv, wandb_offline_history,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_TOKEN = "hf_testTOKENthatMustNeverBeLogged123"
@@ -60,7 +62,7 @@ def test_accelerate_launch_trains_an_adapter_that_the_sdxl_adapter_pipeline_load
     initial = save_initial_adapter(tiny_sdxl, str(tmp_path / "initial"))
     output_dir = tmp_path / "out"
     argv = training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", 4, "--validation_steps", 2,
-                         "--adapter_model_name_or_path", initial, *validation_flags(fill_data))
+                         "--adapter_model_name_or_path", initial, "--validation_pairs", 4, *validation_flags(fill_data))
     argv[argv.index("--report_to") + 1] = "all"
     env = {**os.environ, "WANDB_DIR": str(tmp_path), "WANDB_MODE": "offline"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
@@ -79,6 +81,14 @@ def test_accelerate_launch_trains_an_adapter_that_the_sdxl_adapter_pipeline_load
     wandb_images = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "images" / "*.png"))
     # Two validations (steps 2 and 4) × two pairs × (condition + one sample).
     assert len(wandb_images) == 2 * 2 * 2
+    # The conditioning gain on 4 held-out pairs: before the first step and at each validation, in both trackers.
+    assert [step for step, _ in tags["scalars"]["validation/conditioning_gain"]] == [0, 2, 4]
+    run_file, = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    wandb_gain = [(row["_step"], row["validation/conditioning_gain"]) for row in wandb_offline_history(run_file)
+                  if "validation/conditioning_gain" in row]
+    tensorboard_gain = tags["scalars"]["validation/conditioning_gain"]
+    assert [step for step, _ in wandb_gain] == [0, 2, 4]
+    assert [gain for _, gain in wandb_gain] == pytest.approx([gain for _, gain in tensorboard_gain], abs=1e-6)
 
     adapter = T2IAdapter.from_pretrained(output_dir)
     pipeline = StableDiffusionXLAdapterPipeline.from_pretrained(tiny_sdxl, adapter=adapter)

@@ -247,10 +247,10 @@ def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sd
     opened = []
     monkeypatch.setattr(train, "inspect_sample", lambda *sample: opened.append(sample) or inspect_sample(*sample))
 
-    first, first_sizes = train.load_train_dataset(args, seed=0)
+    first, first_sizes, _ = train.load_train_dataset(args, seed=0)
     assert len(opened) == 32
     assert len(list((tmp_path / "cache").rglob("t2i_sample_check-*.json"))) == 1
-    second, second_sizes = train.load_train_dataset(args, seed=0)
+    second, second_sizes, _ = train.load_train_dataset(args, seed=0)
     assert len(opened) == 32
     assert list(second["text"]) == list(first["text"])
     assert second_sizes == first_sizes == [(64, 64)] * 32
