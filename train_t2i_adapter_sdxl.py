@@ -2182,16 +2182,18 @@ def conditioning_gain(unet, adapter, pairs, sigmas_by_timestep, prediction_type,
     for low, high in zip(bounds, bounds[1:]):
         total = {"true": 0.0, "shuffled": 0.0}
         for _ in range(draws):
+            # Drawn for all pairs at once, so that the batch size (memory) never changes the score.
+            all_timesteps = torch.randint(low, high, (len(pairs.latents),), generator=generator, device=device)
+            all_noise = torch.randn(pairs.latents.shape, generator=generator, device=device)
             for start in range(0, len(pairs.latents), batch_size):
                 chunk = slice(start, start + batch_size)
                 latents = pairs.latents[chunk]
-                timesteps = torch.randint(low, high, (len(latents),), generator=generator, device=device)
-                noise = torch.randn(latents.shape, generator=generator, device=device)
                 added_cond_kwargs = {"text_embeds": pairs.pooled_embeds[chunk], "time_ids": pairs.time_ids[chunk]}
                 for kind, condition in conditions.items():
                     loss = adapter_training_loss(
                         unet, adapter, latents, condition[chunk], pairs.prompt_embeds[chunk], added_cond_kwargs,
-                        sigmas_by_timestep, prediction_type, weight_dtype, noise=noise, timesteps=timesteps,
+                        sigmas_by_timestep, prediction_type, weight_dtype, noise=all_noise[chunk],
+                        timesteps=all_timesteps[chunk],
                     )
                     total[kind] += loss.item() * len(latents)
         totals[f"{low}-{high}"] = total
