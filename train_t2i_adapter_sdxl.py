@@ -402,7 +402,7 @@ def build_parser():
         "--validation_pairs",
         type=int,
         default=None,
-        help="(Addition) Pairs on which each validation measures the conditioning gain (see README): taken from"
+        help="Pairs on which each validation measures the conditioning gain (see README): taken from"
         " --validation_data_dir/--validation_dataset_name when given (default: up to"
         f" {DEFAULT_VALIDATION_PAIRS}), otherwise held out of the training data (a fixed subset drawn from the"
         " seed; none by default, so training sees every sample, as upstream's does).",
@@ -411,18 +411,18 @@ def build_parser():
         "--validation_data_dir",
         type=str,
         default=None,
-        help="(Addition) A local dataset with the training data's columns whose pairs the conditioning gain is"
+        help="A local dataset with the training data's columns whose pairs the conditioning gain is"
         " measured on (its 'validation' split if it has one, else 'train').",
     )
     group.add_argument(
-        "--validation_dataset_name", type=str, default=None, help="(Addition) As --validation_data_dir, from the Hub."
+        "--validation_dataset_name", type=str, default=None, help="As --validation_data_dir, from the Hub."
     )
     group.add_argument(
         "--control_metric",
         type=str,
         default=None,
         choices=CONTROL_METRICS,
-        help="(Addition) How far the generated validation images follow their conditions: 'canny' (F1 of the"
+        help="How far the generated validation images follow their conditions: 'canny' (F1 of the"
         " image's canny edges against the condition's), 'ssim' (structural similarity of image and condition, in"
         " grey) or 'none'. Default: 'canny' with --conditioning_type canny, else 'none'.",
     )

@@ -34,12 +34,14 @@ def parse_args(argv=None):
 def main(argv=None):
     options = parse_args(argv)
     import torch
+    from accelerate import PartialState
 
     import train_t2i_adapter_sdxl as train
     from make_fill_dataset import build_fill_dataset
     from make_tiny_sdxl import build_tiny_sdxl
 
     torch.set_num_threads(options.threads)
+    PartialState()  # the trainer's functions log through accelerate's logger
     work_dir = options.work_dir or tempfile.mkdtemp(prefix="control-score-bench-")
     model = build_tiny_sdxl(os.path.join(work_dir, "tiny-sdxl"), seed=0,
                             pretrained_base=os.path.join(ROOT, "assets", "tiny-fill-base"))
