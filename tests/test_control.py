@@ -17,7 +17,7 @@ from make_fill_dataset import COLORS, build_fill_dataset
 from plot_control_curve import tensorboard_scalars
 
 # Measured on the 2-core CPU machine (one thread), base pretrained as in assets/tiny-fill-base, 200 steps
-# of batch 8 at lr 1e-3 with 32 pairs held out: the logged gain is -0.0009, 0.215 and 0.270 at steps 0,
+# of batch 8 at lr 1e-3 with 32 pairs held out: the logged gain is -0.0007, 0.194 and 0.239 at steps 0,
 # 100 and 200 (the run is seeded, so it repeats); with blank conditions it is exactly 0 throughout (the
 # shuffled conditions are the true ones). Thresholds: step 0 within ±0.02 of 0; the end above 0.1.
 TRAIN_STEPS = 200
