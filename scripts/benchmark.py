@@ -262,6 +262,11 @@ SDXL_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
     sample_size=1024, scaling_factor=0.13025,
 )
+# CLIP ViT-L and OpenCLIP ViT-bigG with its projection (CLIPTextConfig's defaults: 49408 tokens, 77 positions).
+SDXL_TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         hidden_act="quick_gelu")
+SDXL_TEXT_ENCODER_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                           projection_dim=1280, hidden_act="gelu")
 
 
 def run_sdxl_row(row, options):
@@ -280,10 +285,8 @@ def run_sdxl_row(row, options):
         unet = UNet2DConditionModel(**SDXL_UNET).to(dtype).requires_grad_(upstream)  # upstream never freezes it
         vae = AutoencoderKL(**SDXL_VAE).requires_grad_(False)
         text_encoders = [
-            CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                         num_attention_heads=12, hidden_act="quick_gelu")),
-            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                       num_attention_heads=20, projection_dim=1280, hidden_act="gelu")),
+            CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER)),
+            CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2)),
         ]
     text_encoders = [encoder.to(device, dtype).requires_grad_(False) for encoder in text_encoders]
     if checkpointing:
