@@ -28,7 +28,7 @@ same counter, and tests/test_plan_memory.py asserts that plan and measurement ag
 Examples:
   python scripts/plan_memory.py --size sdxl --resolution 1024 --train_batch_size 16 --mixed_precision bf16
   python scripts/plan_memory.py --pretrained_model_name_or_path tiny-sdxl --resolution 64 --measure
-  python scripts/plan_memory.py --size sdxl --grid --resolutions 1024 512   # the README's table
+  python scripts/plan_memory.py --size sdxl --grid   # the README's table
 """
 
 import argparse
@@ -470,6 +470,41 @@ def plan_table(plan):
     return "\n".join(lines)
 
 
+GRID_VARIANTS = (  # (label, flag changes) of each row of --grid, per batch size and precision
+    ("", {}),
+    ("gc", {"gradient_checkpointing": True}),
+    ("gc+8bit", {"gradient_checkpointing": True, "use_8bit_adam": True}),
+    ("gc+8bit+cache", {"gradient_checkpointing": True, "use_8bit_adam": True, "cache_latents": True}),
+)
+
+
+def grid_table(options, resolutions, batch_sizes, precisions, fits_in=80e9):
+    """One plan per resolution, batch size, precision and GRID_VARIANTS row, as one table (GiB). The
+    last columns: whether the peak fits in `fits_in` bytes (an 80 GB GPU), and the peak with the text
+    encoders off the GPU during the UNet's forward and backward (their weights move back for the next
+    step's prompts)."""
+    lines = ["| resolution | batch | precision | flags | weights | activations | gradients + optimizer | peak |"
+             " peak phase | fits 80 GB | peak, text encoders offloaded |", "|" + "---|" * 11]
+    for resolution in resolutions:
+        for batch in batch_sizes:
+            for precision in precisions:
+                for label, change in GRID_VARIANTS:
+                    row = argparse.Namespace(**{**vars(options), "resolution": resolution, "train_batch_size": batch,
+                                                "mixed_precision": precision, **change})
+                    plan = plan_memory(row)
+                    text = plan["weights"]["text encoder 1"] + plan["weights"]["text encoder 2"]
+                    in_unet = plan["peak_phase"] in ("adapter+UNet forward", "backward", "optimizer step")
+                    lines.append(
+                        f"| {resolution}² | {batch} | {precision} | {label or '—'} | {plan['weights_total'] / GIB:.2f} |"
+                        f" {plan['activations_at_peak'] / GIB:.2f} |"
+                        f" {(plan['gradients_at_peak'] + plan['optimizer_state_at_peak']) / GIB:.2f} |"
+                        f" **{plan['peak'] / GIB:.2f}** | {plan['peak_phase']} | {'yes' if plan['peak'] <= fits_in else 'no'} |"
+                        f" {(plan['peak'] - text * in_unet) / GIB:.2f} |"
+                    )
+                    print(lines[-1], file=sys.stderr, flush=True)  # each row as it comes
+    return "\n".join(lines)
+
+
 def build_parser():
     """The trainer's own flags (a data set is not needed), and the planner's."""
     parser = train.build_parser()
@@ -486,6 +521,13 @@ def build_parser():
                             " (--measure) in seconds.")
     group.add_argument("--device_type", choices=["cuda", "cpu"], default="cuda",
                        help="cuda: allocations rounded to the CUDA allocator's 512-byte blocks; cpu: exact bytes.")
+    group.add_argument("--grid", action="store_true",
+                       help="Plan a table instead: every --grid_resolutions × --grid_batch_sizes × --grid_precisions,"
+                            " each plain, with gradient checkpointing (gc), gc and 8-bit Adam, and gc, 8-bit Adam and"
+                            " the latent cache.")
+    group.add_argument("--grid_resolutions", type=int, nargs="+", default=[1024, 512])
+    group.add_argument("--grid_batch_sizes", type=int, nargs="+", default=[1, 4, 16])
+    group.add_argument("--grid_precisions", nargs="+", default=["bf16", "fp16"])
     group.add_argument("--measure", action="store_true",
                        help="Also run the step on real tensors on this CPU (zeroed weights) and print both.")
     return parser
@@ -502,6 +544,14 @@ def main(options):
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # the models are cast by the trainer's code, as in a run
+    if options.grid:
+        started = time.perf_counter()
+        table = grid_table(options, options.grid_resolutions, options.grid_batch_sizes, options.grid_precisions)
+        print(f"PLANNED on fake tensors ({options.device_type} allocator blocks), not measured on a GPU;"
+              f" {time.perf_counter() - started:.0f} s. GiB; gc: --gradient_checkpointing, 8bit: --use_8bit_adam"
+              " (modelled), cache: --cache_latents.")
+        print(table)
+        return None
     print(describe(options))
     plan = plan_memory(options)
     plan["use_8bit_adam"] = options.use_8bit_adam
