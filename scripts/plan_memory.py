@@ -478,9 +478,9 @@ GRID_VARIANTS = (  # (label, flag changes) of each row of --grid, per batch size
 )
 
 
-def grid_table(options, resolutions, batch_sizes, precisions, fits_in=80e9):
+def grid_table(options, resolutions, batch_sizes, precisions, fits_in=79.6 * GIB):
     """One plan per resolution, batch size, precision and GRID_VARIANTS row, as one table (GiB). The
-    last columns: whether the peak fits in `fits_in` bytes (an 80 GB GPU), and the peak with the text
+    last columns: whether the peak fits in `fits_in` bytes (an 80 GB GPU: 81,559 MiB), and the peak with the text
     encoders off the GPU during the UNet's forward and backward (their weights move back for the next
     step's prompts)."""
     lines = ["| resolution | batch | precision | flags | weights | activations | gradients + optimizer | peak |"
