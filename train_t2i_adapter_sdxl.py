@@ -2466,7 +2466,9 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
     """Latents, text embeddings and micro-conditioning for one batch, then the adapter's loss."""
     vae = components["vae"]
     if "latent_mean" in batch:
-        latents = sample_cached_latents(batch["latent_mean"], batch["latent_std"], vae.config.scaling_factor)
+        # The loader's batch is in host memory (it is not prepared): the cached distribution goes to the device.
+        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        latents = sample_cached_latents(mean, std, vae.config.scaling_factor)
     else:
         latents = encode_latents(vae, batch["pixel_values"])
     captions = select_captions(batch["captions"], args.proportion_empty_prompts)
