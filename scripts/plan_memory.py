@@ -20,7 +20,9 @@ What is modelled, and what is not:
   - --use_8bit_adam: bitsandbytes' AdamW8bit is modelled by its state sizes (two 1-byte states a
     value and a float32 scale per 256 values, float32 states for tensors under 4096 values), updated
     in place, as its fused kernel does; the real optimizer cannot run on fake tensors;
-  - --pretrained_model_name_or_path: the models are built from the folder's configs, no weights read.
+  - --pretrained_model_name_or_path: the models are built from the folder's configs, no weights read;
+  - --torch_compile and --enable_xformers_memory_efficient_attention are planned as eager PyTorch
+    (scaled_dot_product_attention), whose saved tensors are flash attention's.
 
 Calibration: `--measure` runs the same step on real tensors (zeroed weights, on the CPU) with the
 same counter, and tests/test_plan_memory.py asserts that plan and measurement agree.
@@ -326,6 +328,9 @@ def plan_memory(options, fake=True):
     the peak of everything, with the phase it falls in and what it is made of."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    # Planned as eager PyTorch attention: torch.compile and xformers kernels cannot run on fake CPU tensors.
+    options = argparse.Namespace(**{**vars(options), "torch_compile": False,
+                                    "enable_xformers_memory_efficient_attention": False})
     block = CUDA_BLOCK_BYTES if options.device_type == "cuda" else 1
     models, scheduler, tokenizers = model_configs(options)
     components = {name: build_on_meta(*spec) for name, spec in models.items()}
