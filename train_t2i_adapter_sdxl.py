@@ -294,6 +294,12 @@ def build_parser():
     )
     group = parser.add_argument_group("Robustness (additions to upstream)")
     group.add_argument(
+        "--skip_memory_check",
+        action="store_true",
+        help="On CUDA, train even when the planned peak memory of a step (scripts/plan_memory.py) exceeds the"
+        " GPU's free memory; by default the run stops before loading models and names the flags that would fit.",
+    )
+    group.add_argument(
         "--skip_nonfinite_steps",
         type=int,
         default=0,
@@ -2551,6 +2557,53 @@ def set_up_models(components, args, accelerator):
     return weight_dtype
 
 
+def memory_check_message(planned_bytes, free_bytes, fitting):
+    """None when a step's planned peak fits in the device's free memory; else why the run stops, with
+    both figures and the flag changes planned to fit (`fitting`: [(flags, planned bytes)])."""
+    if planned_bytes <= free_bytes:
+        return None
+    gib = 2**30
+    message = (
+        f"This run will not fit: a training step is planned to peak at {planned_bytes / gib:.1f} GiB of GPU memory,"
+        f" and {free_bytes / gib:.1f} GiB are free on this GPU."
+    )
+    if fitting:
+        message += " Planned to fit: " + "; ".join(f"{flags} ({planned / gib:.1f} GiB)" for flags, planned in fitting) + "."
+    else:
+        message += (
+            " Nothing planned fits, not even --gradient_checkpointing with a batch of 1: use a GPU with more memory"
+            " or a lower --resolution."
+        )
+    return message + (
+        " The breakdown: `python scripts/plan_memory.py` with these flags. The plan leaves out the CUDA context"
+        " and cuDNN's workspaces; pass --skip_memory_check to train anyway."
+    )
+
+
+def check_memory_fits(args, accelerator):
+    """On CUDA, before any model loads, stop a run whose planned peak (scripts/plan_memory.py: a step
+    of this trainer on fake tensors, no memory used) exceeds the GPU's free memory, naming the flags
+    that would fit. Skipped on other devices and with --skip_memory_check."""
+    if accelerator.device.type != "cuda" or args.skip_memory_check:
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "plan_memory", os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "plan_memory.py")
+    )
+    planner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(planner)
+    options = argparse.Namespace(**vars(args), size=None, device_type="cuda", measure=False)
+    free_bytes = torch.cuda.mem_get_info(accelerator.device)[0]
+    plan = planner.plan_memory(options)
+    logger.info(f"Planned peak of a training step: {plan['peak'] / 2**30:.1f} GiB ({plan['peak_phase']});"
+                f" {free_bytes / 2**30:.1f} GiB free on {accelerator.device}.")
+    if plan["peak"] > free_bytes:
+        logger.info("It will not fit: planning changes that would (each plan takes seconds to a minute).")
+        message = memory_check_message(plan["peak"], free_bytes, planner.fitting_changes(options, free_bytes))
+        raise MemoryError(message)
+
+
 def latent_files_for(train_data, components, args, accelerator):
     """With --cache_latents, each row's cached latent file (encoded now where missing); else None."""
     if not args.cache_latents:
@@ -2708,7 +2761,9 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
     """Latents, text embeddings and micro-conditioning for one batch, then the adapter's loss."""
     vae = components["vae"]
     if "latent_mean" in batch:
-        latents = sample_cached_latents(batch["latent_mean"], batch["latent_std"], vae.config.scaling_factor)
+        # The loader's batch is in host memory (it is not prepared): the cached distribution goes to the device.
+        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        latents = sample_cached_latents(mean, std, vae.config.scaling_factor)
     else:
         latents = encode_latents(vae, batch["pixel_values"])
     captions = select_captions(batch["captions"], args.proportion_empty_prompts)
@@ -2923,6 +2978,7 @@ def training_run(args, adapter_config, accelerator, hooks):
         train_data = load_training_data(args, seed, hooks.check_samples)
     repo_id = create_hub_repo(args, accelerator)
 
+    check_memory_fits(args, accelerator)
     components = load_models(args, adapter_config)
     weight_dtype = set_up_models(components, args, accelerator)
     sigmas_by_timestep = sigma_table(components["noise_scheduler"]).to(accelerator.device)

@@ -262,6 +262,11 @@ SDXL_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
     sample_size=1024, scaling_factor=0.13025,
 )
+# CLIP ViT-L and OpenCLIP ViT-bigG with its projection (CLIPTextConfig's defaults: 49408 tokens, 77 positions).
+SDXL_TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         hidden_act="quick_gelu")
+SDXL_TEXT_ENCODER_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                           projection_dim=1280, hidden_act="gelu")
 
 
 def run_sdxl_row(row, options):
@@ -280,10 +285,8 @@ def run_sdxl_row(row, options):
         unet = UNet2DConditionModel(**SDXL_UNET).to(dtype).requires_grad_(upstream)  # upstream never freezes it
         vae = AutoencoderKL(**SDXL_VAE).requires_grad_(False)
         text_encoders = [
-            CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                         num_attention_heads=12, hidden_act="quick_gelu")),
-            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                       num_attention_heads=20, projection_dim=1280, hidden_act="gelu")),
+            CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER)),
+            CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2)),
         ]
     text_encoders = [encoder.to(device, dtype).requires_grad_(False) for encoder in text_encoders]
     if checkpointing:
@@ -298,7 +301,10 @@ def run_sdxl_row(row, options):
     conditions = torch.rand(batch, 3, resolution, resolution, device=device)
     input_ids = torch.randint(0, 49408, (batch, 77), device=device)
     time_ids = train.compute_time_ids((resolution,) * 2, (0, 0), (resolution,) * 2, batch, device=device)
-    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    if dtype != torch.float32:  # as accelerate's prepare does in the trainer: autocast for the adapter only
+        from accelerate.utils import convert_outputs_to_fp32
+
+        adapter.forward = convert_outputs_to_fp32(torch.autocast(device, dtype=dtype)(adapter.forward))
     training_loss = upstream_training_loss(scheduler) if upstream else train.adapter_training_loss
 
     @torch.no_grad()
@@ -312,9 +318,8 @@ def run_sdxl_row(row, options):
         with torch.no_grad():
             latents = train.encode_latents(vae, pixels)
         prompt_embeds, pooled = precomputed_text or encode_text()
-        with autocast:
-            loss = training_loss(unet, adapter, latents, conditions, prompt_embeds,
-                                 {"text_embeds": pooled, "time_ids": time_ids}, sigmas, "epsilon", dtype)
+        loss = training_loss(unet, adapter, latents, conditions, prompt_embeds,
+                             {"text_embeds": pooled, "time_ids": time_ids}, sigmas, "epsilon", dtype)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -346,7 +351,7 @@ def run_sdxl_row(row, options):
     latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device)
     prompt_embeds = torch.randn(batch, 77, 2048, device=device, dtype=dtype)
     added = {"text_embeds": torch.randn(batch, 1280, device=device), "time_ids": time_ids}
-    with FlopCounterMode(display=False) as counter, autocast:
+    with FlopCounterMode(display=False) as counter:
         train.adapter_training_loss(unet, adapter, latents, conditions, prompt_embeds, added, sigmas,
                                     "epsilon", dtype).backward()
     optimizer.zero_grad(set_to_none=True)
@@ -357,6 +362,20 @@ def run_sdxl_row(row, options):
         "unet_tflops_per_step": counter.get_total_flops() / 1e12,
         "mfu": counter.get_total_flops() / seconds / (options.peak_tflops * 1e12),
     }
+
+
+def planned_peak_mb(row, options):
+    """scripts/plan_memory.py's planned peak for an SDXL-size row of ours, in MB (None for upstream rows:
+    the planner plans this trainer, whose UNet is frozen). Planned on the CPU, in seconds."""
+    if row.endswith("-upstream"):
+        return None
+    import plan_memory
+
+    argv = ["--size", "sdxl", "--resolution", str(options.resolution), "--train_batch_size", str(row_batch(row, options)),
+            "--mixed_precision", options.mixed_precision, "--set_grads_to_none"]  # the rows free their gradients
+    if row.endswith("-gc"):
+        argv.append("--gradient_checkpointing")
+    return plan_memory.plan_memory(plan_memory.parse_args(argv))["peak"] / 2**20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +424,7 @@ def table(reports, baseline_of):
         ("batch", lambda r: str(r["batch"])), ("s/step", value("seconds_per_step", 4)),
         ("img/s", lambda r: f"{r['batch'] / r['seconds_per_step']:.1f}" if "seconds_per_step" in r else "—"),
         ("peak MB", value("peak_mb", 0)),
+        *([("planned peak MB", value("planned_mb", 0))] if any("planned_mb" in r for r in reports) else []),
         ("s to step 1", value("seconds_to_step_1", 2)),
         *([("s to step 1 again", value("seconds_to_step_1_again", 2))] if has_again else []),
         ("text cache MB", value("text_cache_mb", 2)), ("latent cache MB", value("latent_cache_mb", 2)),
@@ -478,6 +498,11 @@ def main(options):
         else:
             best["seconds_to_step_1"] = min(to_step_1)
         reports.append(best)
+    if not tiny:  # next to torch.cuda.max_memory_allocated: what scripts/plan_memory.py planned for the row
+        for report in reports:
+            planned = planned_peak_mb(report["row"], options)
+            if planned is not None:
+                report["planned_mb"] = planned
     print(f"size={options.size} resolution={options.resolution} mixed_precision={options.mixed_precision}"
           f" steps={options.steps} (best of {options.repeats}) threads={options.threads}" + (f" samples={options.num_samples} data={options.data_format}" if tiny else ""))
     print(table(reports, (lambda row: "upstream") if tiny else (lambda row: row.split("-")[0] + "-upstream")))

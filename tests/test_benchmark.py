@@ -54,12 +54,31 @@ def test_an_sdxl_row_out_of_memory_is_reported_and_not_run_again(monkeypatch, tm
         "b16": [sdxl_report, sdxl_report],
         "b16-gc": [sdxl_report, sdxl_report],
     })
+    planned = {"b16": 65000.0, "b16-gc": 30000.0}
+    monkeypatch.setattr(benchmark, "planned_peak_mb", lambda row, options: planned.get(row))
     benchmark.main(benchmark.parse_args(["--size", "sdxl", "--batch_sizes", "16", "--repeats", "2",
                                          "--work_dir", str(tmp_path)]))
     assert log == ["b16-upstream", "b16", "b16-gc", "b16-gc", "b16"]
     table = capsys.readouterr().out
-    assert "| b16-upstream (out of memory) | 16 | — |" in table
-    assert "| b16 | 16 | 2.0000 | 8.0 | 70000 | 9.00 |" in table and "| 50.0% |" in table
+    assert "| b16-upstream (out of memory) | 16 | — | — | — | — |" in table
+    assert "| b16 | 16 | 2.0000 | 8.0 | 70000 | 65000 | 9.00 |" in table and "| 50.0% |" in table
+    assert "| b16-gc | 16 | 2.0000 | 8.0 | 70000 | 30000 | 9.00 |" in table
+
+
+def test_sdxl_rows_are_planned_with_their_own_flags(monkeypatch):
+    """The planned column: the planner run with each row's batch, precision and checkpointing."""
+    import plan_memory
+
+    planned = []
+    monkeypatch.setattr(plan_memory, "plan_memory", lambda options: planned.append(options) or {"peak": 3 * 2**20})
+    options = benchmark.parse_args(["--size", "sdxl", "--batch_sizes", "4", "--resolution", "512",
+                                    "--mixed_precision", "fp16"])
+    assert benchmark.planned_peak_mb("b4-upstream", options) is None
+    assert benchmark.planned_peak_mb("b4-gc", options) == 3.0
+    assert benchmark.planned_peak_mb("b4", options) == 3.0
+    gc, plain = planned
+    assert (gc.size, gc.resolution, gc.train_batch_size, gc.mixed_precision) == ("sdxl", 512, 4, "fp16")
+    assert gc.gradient_checkpointing and not plain.gradient_checkpointing and gc.set_grads_to_none
 
 
 def test_the_upstream_row_runs_the_trainer_as_upstream_does(tiny_sdxl, fill_data, tmp_path, monkeypatch):

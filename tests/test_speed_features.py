@@ -169,3 +169,32 @@ def test_a_local_imagefolder_listed_once_loads_as_datasets_finds_it(tmp_path, la
         assert opened[split].features == plain[split].features
         assert sorted(opened[split]["text"]) == sorted(plain[split]["text"])
     assert train.local_imagefolder_files("stabilityai/stable-diffusion-xl-base-1.0") is None
+
+
+def test_cached_latents_reach_the_device_of_the_step():
+    """The loader's batch stays in host memory: with --cache_latents the sampled latents must be made on the
+    step's device (the meta device stands in for a GPU here), like the conditions and time ids."""
+    import types
+
+    import torch
+
+    import train_t2i_adapter_sdxl as train
+
+    seen = {}
+
+    class Hooks(train.RunHooks):
+        def encode_prompt(self, captions, components):
+            return torch.zeros(len(captions), 77, 8, device="meta"), torch.zeros(len(captions), 4, device="meta")
+
+        def training_loss(self, unet, adapter, latents, conditions, *rest):
+            seen.update(latents=latents.device, conditions=conditions.device)
+            return torch.zeros(())
+
+    batch = {"latent_mean": torch.zeros(2, 4, 8, 8, dtype=torch.float16), "latent_std": torch.ones(2, 4, 8, 8),
+             "conditioning_pixel_values": torch.zeros(2, 3, 64, 64), "captions": ["a", "b"]}
+    components = {"vae": types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=0.13025)), "unet": None,
+                  "noise_scheduler": types.SimpleNamespace(config=types.SimpleNamespace(prediction_type="epsilon"))}
+    args = types.SimpleNamespace(proportion_empty_prompts=0.0, micro_conditioning=False, aspect_ratio_buckets=False,
+                                 resolution=64, crops_coords_top_left_h=0, crops_coords_top_left_w=0)
+    train.batch_loss(batch, components, None, None, args, torch.float32, torch.device("meta"), Hooks())
+    assert seen == {"latents": torch.device("meta"), "conditions": torch.device("meta")}
