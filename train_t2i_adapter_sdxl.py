@@ -2588,9 +2588,11 @@ def check_memory_fits(args, accelerator):
         return
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "plan_memory", os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "plan_memory.py")
-    )
+    planner_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "plan_memory.py")
+    if not os.path.isfile(planner_file):  # the trainer copied without its scripts/
+        logger.warning(f"No memory check: {planner_file} is not there.")
+        return
+    spec = importlib.util.spec_from_file_location("plan_memory", planner_file)
     planner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(planner)
     options = argparse.Namespace(**vars(args), size=None, device_type="cuda", measure=False)
