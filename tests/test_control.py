@@ -169,3 +169,21 @@ def test_a_canny_adapter_on_textured_shapes_draws_edges_nearer_its_conditions_th
     assert f1["adapter, true condition"] > f1["adapter, shuffled condition"], f1
     assert scores["conditioning_gain_mean"] > MIN_GAIN, scores["conditioning_gain"]
     assert Image.open(tmp_path / "grid.png").size == (5 * RESOLUTION, 8 * RESOLUTION)
+
+
+def test_the_control_curve_plot_reads_the_logged_gain(tmp_path):
+    import plot_control_curve
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "logs" / "run"))
+    for step, gain in [(0, -0.002), (100, 0.13), (200, 0.2)]:
+        writer.add_scalar("validation/conditioning_gain", gain, step)
+        writer.add_scalar("validation/conditioning_gain_t0_250", gain / 2, step)
+        writer.add_scalar("validation/loss_true_condition", 0.05 - gain / 100, step)
+        writer.add_scalar("validation/loss_shuffled_condition", 0.05 + gain / 20, step)
+    writer.close()
+    curve = plot_control_curve.plot_control_curve(str(tmp_path / "logs"), str(tmp_path / "curve.png"))
+    assert curve == [(0, pytest.approx(-0.002)), (100, pytest.approx(0.13)), (200, pytest.approx(0.2))]
+    assert Image.open(tmp_path / "curve.png").size == (2 * plot_control_curve.PANEL[0], plot_control_curve.PANEL[1])
+    with pytest.raises(SystemExit, match="--validation_pairs"):
+        plot_control_curve.plot_control_curve(str(tmp_path / "nothing"), str(tmp_path / "none.png"))
