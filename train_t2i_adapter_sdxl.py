@@ -2183,7 +2183,8 @@ def make_accelerator(args):
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
-    logger.info(accelerator.state, main_process_only=False)
+    # Formatted now: a handler that formats the record later may find the state reset (old accelerate fails then).
+    logger.info(str(accelerator.state), main_process_only=False)
     return accelerator
 
 
