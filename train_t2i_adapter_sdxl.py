@@ -1573,6 +1573,9 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             while True:
                 window = list(itertools.islice(samples, self.args.shuffle_buffer_size))
                 if not window:
+                    if state["window"] == 0 and state["stream"] is None:  # a whole epoch gave this reader nothing
+                        self.nothing_to_read(worker)
+                        return
                     break
                 rng = np.random.default_rng([self.seed, state["epoch"], self.rank, worker_id, state["window"]])
                 for done, batch in enumerate(self.window_batches(window, rng), start=1):
@@ -1587,6 +1590,17 @@ class StreamingBatches(torch.utils.data.IterableDataset):
 
     def load_state_dict(self, state):
         self.state = copy.deepcopy(state)
+
+    def nothing_to_read(self, worker):
+        """A DataLoader worker with no share of the stream (more workers than this process's shards)
+        stops, as `datasets` stops it, and the other workers go on; a process with nothing to read
+        is an error. Looping to the next epoch instead would spin for ever and hang the loader."""
+        if worker is not None and worker.num_workers > 1:
+            logger.warning(f"DataLoader worker {worker.id} of process {self.rank} has no shard of the stream to read;"
+                           " it stops (use fewer --dataloader_num_workers, or more shards).", main_process_only=False)
+            return
+        raise ValueError(f"Process {self.rank} of {self.world_size} has no sample of the stream to read: the stream"
+                         " has fewer samples than processes.")
 
 
 def leave_stop_signals_to_the_main_process(worker_id):
@@ -2470,7 +2484,8 @@ def make_accelerator(args):
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
-    logger.info(accelerator.state, main_process_only=False)
+    # Formatted now: a handler that formats the record later may find the state reset (old accelerate fails then).
+    logger.info(str(accelerator.state), main_process_only=False)
     return accelerator
 
 

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# Create (or refresh) the project's environment in .venv: the trainer's requirements plus pytest.
-# Re-running is cheap: nothing is installed again until requirements.txt changes.
+# Create (or refresh) the project's environment: the trainer's requirements plus pytest.
+#   VERSIONS=newest (default): .venv, the newest releases requirements.txt admits;
+#   VERSIONS=min: .venv-min, every package at its lower bound (requirements-min.txt as pip constraints).
+# Re-running is cheap: nothing is installed again until requirements.txt (or the constraints) change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+case "${VERSIONS:-newest}" in
+    newest) venv=.venv; constraints=() ;;
+    min) venv=.venv-min; constraints=(-c requirements-min.txt) ;;
+    *) echo "VERSIONS must be 'newest' or 'min', not '${VERSIONS}'." >&2; exit 2 ;;
+esac
+if [ ! -x "$venv/bin/python" ]; then
+    "$PYTHON" -m venv "$venv"
 fi
-stamp=".venv/.requirements.sha256"
-wanted="$(sha256sum requirements.txt | cut -d' ' -f1)"
+stamp="$venv/.requirements.sha256"
+wanted="$(cat requirements.txt "${constraints[@]:1}" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
-    echo "Installing requirements into .venv (the first time takes a few minutes)..."
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt pytest
+    echo "Installing requirements into $venv (the first time takes a few minutes)..."
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt "${constraints[@]}" pytest
     echo "$wanted" > "$stamp"
 fi

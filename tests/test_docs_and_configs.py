@@ -30,3 +30,18 @@ def test_accelerate_configs_load_and_name_their_distributed_type():
     assert deepspeed["zero_optimization"]["stage"] == 2
     zero2 = ClusterConfig.from_yaml_file(os.path.join(ROOT, "configs", "accelerate_deepspeed_zero2.yaml"))
     assert zero2.deepspeed_config["deepspeed_config_file"] == "configs/deepspeed_zero2.json"
+
+
+def test_minimum_versions_pin_every_lower_bound():
+    """requirements-min.txt, which CI's minimum run installs as constraints, pins each package of
+    requirements.txt exactly at its lower bound: a bound raised or added without it is caught here."""
+    import re
+
+    def versions(name, operator):
+        pattern = re.compile(rf"([A-Za-z0-9_.-]+){re.escape(operator)}(\S+)$")
+        lines = open(os.path.join(ROOT, name)).read().splitlines()
+        found = [pattern.match(line) for line in lines if line and not line.startswith("#")]
+        assert all(found), f"{name}: every package line reads name{operator}version"
+        return {match[1].lower().replace("_", "-"): match[2] for match in found}
+
+    assert versions("requirements-min.txt", "==") == versions("requirements.txt", ">=")

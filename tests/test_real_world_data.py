@@ -354,6 +354,54 @@ def test_streaming_batches_cover_the_stream_once_per_epoch(fill_shards, monkeypa
     assert len(epoch) == 32 and len(set(epoch)) == 32
 
 
+def test_each_dataloader_worker_streams_its_own_shards(fill_shards, monkeypatch):
+    """2 DataLoader workers over 4 shards: both give batches, and the first epoch holds every sample
+    once. (datasets before 4.6 joins the reordered shards into one, which only the first worker reads.)"""
+    from accelerate import PartialState
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    PartialState()  # accelerate's logger, which a worker without a share would use, needs its state
+    args = streaming_args(fill_shards, shuffle_buffer_size=8, train_batch_size=4, dataloader_num_workers=2)
+    batches = train.StreamingBatches(train.load_streaming_dataset(args), lambda s, target, seed: s["__key__"], args,
+                                     seed=0)
+    monkeypatch.setattr(train, "collate_fn", lambda keys: (torch.utils.data.get_worker_info().id, keys))
+    workers, epoch = set(), []
+    for worker, keys in StatefulDataLoader(batches, batch_size=None, **train.loader_options(args, 0)):
+        workers.add(worker)
+        epoch += keys
+        if len(epoch) >= 32:
+            break
+    assert workers == {0, 1}
+    assert len(epoch) == 32 and len(set(epoch)) == 32
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_a_reader_with_nothing_to_stream_stops_instead_of_spinning(fill_shards, monkeypatch, num_workers):
+    """A reader whose share of an epoch is empty: a worker among several stops (the others go on), a
+    lone reader is an error. Neither goes on to the next epoch, which would loop for ever."""
+    from accelerate import PartialState
+
+    PartialState()  # accelerate's logger needs its state
+    args = streaming_args(fill_shards)
+    batches = train.StreamingBatches(train.load_streaming_dataset(args), None, args, seed=0)
+    epochs = []
+
+    def empty_epoch(epoch):
+        epochs.append(epoch)
+        assert len(epochs) == 1, "went on to another epoch"
+        return []
+
+    monkeypatch.setattr(batches, "epoch_stream", empty_epoch)
+    worker = None if num_workers == 0 else type("Worker", (), {"id": 1, "num_workers": num_workers})()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: worker)
+    if num_workers > 1:
+        assert list(batches) == []
+    else:
+        with pytest.raises(ValueError, match="Process 0 of 1 has no sample of the stream to read"):
+            list(batches)
+    assert epochs == [0]
+
+
 def test_streaming_from_shards_resumes_exactly_with_workers(tiny_sdxl, fill_shards, tmp_path):
     """Streamed from 4 tar shards by 2 DataLoader workers, windows of 12, random flips, interrupted
     mid-window: the resumed run ends bit for bit where the straight run ends."""
