@@ -333,8 +333,10 @@ def make_scheduler():
 
 
 def copy_pretrained_base(pretrained_base, output_dir):
-    """Replace output_dir's unet/ and vae/ by the pretrained ones in `pretrained_base`."""
-    for name in ("unet", "vae"):
+    """Replace output_dir's unet/, vae/ and text encoders by those in `pretrained_base`. The text
+    encoders are random, but the UNet was pretrained on their embeddings, and transformers'
+    initialisation differs between versions (4.45 and 5 draw text_encoder_2 differently)."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         source = os.path.join(pretrained_base, name)
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise FileNotFoundError(f"--pretrained_base {pretrained_base!r} has no {name}/config.json.")
@@ -346,8 +348,8 @@ def copy_pretrained_base(pretrained_base, output_dir):
 def build_tiny_sdxl(output_dir="tiny-sdxl", seed=0, unet_channels=(32, 64, 64), pretrained_base=None):
     """Build the tiny SDXL pipeline, save it to `output_dir` and return that path.
 
-    With `pretrained_base` (a folder holding unet/ and vae/ in diffusers format), those two replace
-    the random ones; everything else is still built from `seed`.
+    With `pretrained_base` (a folder holding unet/, vae/, text_encoder/ and text_encoder_2/ in
+    diffusers format), those replace the random ones; the rest is still built from `seed`.
     """
     tokenizer, tokenizer_2 = make_tokenizers()
     check_tokenizers_match_open_clip([tokenizer, tokenizer_2])

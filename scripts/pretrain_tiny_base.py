@@ -429,10 +429,14 @@ def load_random_base(folder, seed):
     }
 
 
-def save_base(output_dir, vae, unet, record):
+def save_base(output_dir, vae, unet, text_encoders, record):
+    """The pretrained UNet and VAE, and the text encoders whose embeddings the UNet learned: random
+    ones, but transformers' initialisation differs between versions, so they are kept with it."""
     os.makedirs(output_dir, exist_ok=True)
     unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
     vae.save_pretrained(os.path.join(output_dir, "vae"), safe_serialization=True)
+    for name, text_encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
+        text_encoder.save_pretrained(os.path.join(output_dir, name), safe_serialization=True)
     with open(os.path.join(output_dir, "pretrain.json"), "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
@@ -498,8 +502,8 @@ def main(argv=None):
         "torch": torch.__version__,
         "text_encoder_sha256": parts["text_encoder_sha256"],
     }
-    save_base(args.output_dir, vae, unet, record)
-    print(f"Pretrained in {seconds:.0f}s ({seconds / 60:.1f} min); wrote {args.output_dir}/unet, vae, pretrain.json")
+    save_base(args.output_dir, vae, unet, parts["text_encoders"], record)
+    print(f"Pretrained in {seconds:.0f}s ({seconds / 60:.1f} min); wrote {args.output_dir}/unet, vae, text encoders, pretrain.json")
     print(f"Final validation: VAE reconstruction MSE {vae_mse_after:.5f}, UNet loss {unet_loss_final:.4f}")
 
 

@@ -127,9 +127,10 @@ def test_ssim_is_one_for_equal_images_and_falls_with_the_structure():
 
 # Measured on the 2-core CPU machine: after 200 steps on 512 textured-shape images, scripts/evaluate.py on
 # the 16 held-out shapes gives canny F1 0.046 for the adapter with its conditions, 0.033 with shuffled
-# conditions and 0.033 for the base alone (the tiny base draws blurred blobs, so every F1 is low; the
-# adapter's edges land on its conditions' edges 1.4 times as often). Threshold: 1.15 times the base's.
-MIN_CANNY_F1_RATIO = 1.15
+# conditions and 0.033 for the base alone on the newest versions, and 0.039, 0.027 and 0.033 on the
+# minimum versions (requirements-min.txt). The tiny base draws blurred blobs, so every F1 is low; the
+# adapter's edges land on its conditions' edges 1.2 to 1.4 times as often. Threshold: 1.1 times the base's.
+MIN_CANNY_F1_RATIO = 1.1
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +188,16 @@ def test_the_control_curve_plot_reads_the_logged_gain(tmp_path):
     assert Image.open(tmp_path / "curve.png").size == (2 * plot_control_curve.PANEL[0], plot_control_curve.PANEL[1])
     with pytest.raises(SystemExit, match="--validation_pairs"):
         plot_control_curve.plot_control_curve(str(tmp_path / "nothing"), str(tmp_path / "none.png"))
+
+
+def test_the_pretrained_base_keeps_the_text_encoders_it_was_trained_with(tiny_fill_base):
+    """Random text encoders are drawn differently by other transformers versions; the base's UNet
+    only knows the embeddings of the ones recorded at pretraining, which the asset ships."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "assets", "tiny-fill-base", "pretrain.json")) as f:
+        record = json.load(f)
+    for name, digest in record["text_encoder_sha256"].items():
+        with open(os.path.join(tiny_fill_base, name, "model.safetensors"), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, name
