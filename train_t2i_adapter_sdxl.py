@@ -2557,6 +2557,9 @@ def set_up_models(components, args, accelerator):
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        # diffusers 0.30 (older releases) checkpoints only modules in training mode, and a loaded UNet is in eval
+        # mode: the flag would save nothing. SDXL's UNet has no dropout, so training mode changes no output.
+        unet.train()
     if args.torch_compile:
         # In place, so state-dict keys and the save/load hooks are unchanged.
         unet.compile()
