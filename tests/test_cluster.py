@@ -230,7 +230,7 @@ def test_resuming_with_changed_settings_says_so_and_applies_a_new_learning_rate(
     new learning rate is applied from the resumed step on (upstream silently kept the old one) and said so."""
     import logging
 
-    from test_end_to_end import tensorboard_tags
+    from plot_control_curve import tensorboard_scalars
 
     argv = training_argv(tiny_sdxl, fill_data, tmp_path, "--max_train_steps", 2, "--checkpointing_steps", 2,
                          "--report_to", "tensorboard")
@@ -244,5 +244,5 @@ def test_resuming_with_changed_settings_says_so_and_applies_a_new_learning_rate(
         assert run_training(resumed) == 3
     assert "Applying the new learning rate: 0.001 → 0.0005" in caplog.text
     assert re.search(r"Resuming with changed settings, .*: train_batch_size 4 → 2\.", caplog.text)
-    logged = dict(tensorboard_tags(tmp_path / "logs-resumed")["scalars"]["lr"])
+    logged = dict(tensorboard_scalars(tmp_path / "logs-resumed")["lr"])
     assert list(logged) == [3] and logged[3] == pytest.approx(5e-4)  # constant schedule: the new rate itself

@@ -14,6 +14,7 @@ import train_t2i_adapter_sdxl as train
 from helpers import (
     RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv, wandb_offline_history,
 )
+from plot_control_curve import tensorboard_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_TOKEN = "hf_testTOKENthatMustNeverBeLogged123"
@@ -38,18 +39,17 @@ def validation_flags(data, num_images=1):
     ]
 
 
-def tensorboard_tags(logdir):
+def tensorboard_image_tags(logdir):
+    """The tags of every image logged under `logdir` (its scalars: plot_control_curve.tensorboard_scalars)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)
     assert events, f"no tensorboard event file under {logdir}"
-    tags = {"images": set(), "scalars": {}}
+    tags = set()
     for path in events:
-        accumulator = EventAccumulator(path, size_guidance={"images": 0, "scalars": 0})
+        accumulator = EventAccumulator(path, size_guidance={"images": 0})
         accumulator.Reload()
-        tags["images"].update(accumulator.Tags()["images"])
-        for tag in accumulator.Tags()["scalars"]:
-            tags["scalars"][tag] = [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        tags.update(accumulator.Tags()["images"])
     return tags
 
 
@@ -75,18 +75,18 @@ def test_accelerate_launch_trains_an_adapter_that_the_sdxl_adapter_pipeline_load
     assert (output_dir / "diffusion_pytorch_model.safetensors").is_file()
     assert max_weight_difference(load_adapter_weights(initial), load_adapter_weights(output_dir)) > 1e-4
 
-    tags = tensorboard_tags(output_dir / "logs")
-    assert set(fill_data["validation_prompts"]) <= tags["images"]
-    assert [step for step, _ in tags["scalars"]["loss"]] == [1, 2, 3, 4]
+    assert set(fill_data["validation_prompts"]) <= tensorboard_image_tags(output_dir / "logs")
+    scalars = tensorboard_scalars(output_dir / "logs")
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4]
     wandb_images = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "images" / "*.png"))
     # Two validations (steps 2 and 4) × two pairs × (condition + one sample).
     assert len(wandb_images) == 2 * 2 * 2
     # The conditioning gain on 4 held-out pairs: before the first step and at each validation, in both trackers.
-    assert [step for step, _ in tags["scalars"]["validation/conditioning_gain"]] == [0, 2, 4]
+    assert [step for step, _ in scalars["validation/conditioning_gain"]] == [0, 2, 4]
     run_file, = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     wandb_gain = [(row["_step"], row["validation/conditioning_gain"]) for row in wandb_offline_history(run_file)
                   if "validation/conditioning_gain" in row]
-    tensorboard_gain = tags["scalars"]["validation/conditioning_gain"]
+    tensorboard_gain = scalars["validation/conditioning_gain"]
     assert [step for step, _ in wandb_gain] == [0, 2, 4]
     assert [gain for _, gain in wandb_gain] == pytest.approx([gain for _, gain in tensorboard_gain], abs=1e-6)
 
@@ -212,7 +212,7 @@ def test_scale_lr_and_warmup_reach_the_logged_lr(tiny_sdxl, fill_data, tmp_path)
     argv[argv.index("--report_to") + 1] = "tensorboard"
     run_training(argv)
     scaled = 1e-3 * 2 * 4 * 1
-    logged = tensorboard_tags(tmp_path / "logs")["scalars"]["lr"]
+    logged = tensorboard_scalars(tmp_path / "logs")["lr"]
     assert [step for step, _ in logged] == [1, 2, 3]
     for step, lr in logged:
         assert lr == pytest.approx(scaled * step / 4, rel=1e-5)

@@ -378,13 +378,13 @@ def test_two_processes_train_checkpoint_resume_and_agree(tiny_sdxl, fill_data, t
     """Real 2-process data parallelism (gloo on CPU): both ranks hold identical weights; the LR warm-up
     counts optimisation steps, not scheduler calls (upstream warms up twice as fast on 2 processes);
     a run resumed from a checkpoint ends where the uninterrupted run ends."""
-    from test_end_to_end import tensorboard_tags
+    from plot_control_curve import tensorboard_scalars
 
     flags = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--lr_scheduler", "constant_with_warmup",
              "--lr_warmup_steps", 8]
     straight = run_two_processes(tiny_sdxl, fill_data, tmp_path / "straight", tmp_path / "w1", *flags)
     assert (tmp_path / "straight" / "checkpoint-4" / train.ADAPTER_SUBFOLDER / "config.json").is_file()
-    logged = tensorboard_tags(tmp_path / "straight" / "logs")["scalars"]
+    logged = tensorboard_scalars(tmp_path / "straight" / "logs")
     assert [round(lr / 1e-3, 6) for _, lr in logged["lr"]] == [round(step / 8, 6) for step in (1, 2, 3, 4)]
     assert all(math.isfinite(loss) for _, loss in logged["loss"])
     assert max_weight_difference(straight, load_adapter_weights(tmp_path / "straight")) == 0

@@ -71,7 +71,7 @@ def test_latent_cache_keys_follow_image_content_vae_and_resolution(tiny_models, 
 def test_training_with_cached_latents_reuses_the_cache_and_matches_fresh_latents(tiny_sdxl, fill_data, tmp_path):
     """Two runs share one cache (the second encodes nothing and gives the same adapter), and the loss
     curve on cached latents matches the one on fresh latents up to float16 rounding."""
-    from test_end_to_end import tensorboard_tags
+    from plot_control_curve import tensorboard_scalars
 
     cache = tmp_path / "latents"
     flags = ["--max_train_steps", 4, "--report_to", "tensorboard"]
@@ -85,7 +85,7 @@ def test_training_with_cached_latents_reuses_the_cache_and_matches_fresh_latents
     assert max_weight_difference(load_adapter_weights(tmp_path / "first"), load_adapter_weights(tmp_path / "second")) == 0
 
     run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "fresh", *flags))
-    curves = [[loss for _, loss in tensorboard_tags(tmp_path / name / "logs")["scalars"]["loss"]]
+    curves = [[loss for _, loss in tensorboard_scalars(tmp_path / name / "logs")["loss"]]
               for name in ("first", "fresh")]
     assert len(curves[0]) == 4
     assert curves[0] == pytest.approx(curves[1], rel=1e-2)
