@@ -43,7 +43,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 TINY_ROWS = ("upstream", "ours", "ours+cache", "ours+stream")
 H100_BF16_DENSE_TFLOPS = 790.0  # measured peak on the lent H100s
@@ -249,24 +248,6 @@ def prepare_tiny(options):
 # SDXL-size rows: the real SDXL architecture with random weights, on a GPU
 # ----------------------------------------------------------------------------------------------
 
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    use_linear_projection=True,
-)
-SDXL_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
-    sample_size=1024, scaling_factor=0.13025,
-)
-# CLIP ViT-L and OpenCLIP ViT-bigG with its projection (CLIPTextConfig's defaults: 49408 tokens, 77 positions).
-SDXL_TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                         hidden_act="quick_gelu")
-SDXL_TEXT_ENCODER_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                           projection_dim=1280, hidden_act="gelu")
 
 
 def run_sdxl_row(row, options):
@@ -277,6 +258,7 @@ def run_sdxl_row(row, options):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     import train_t2i_adapter_sdxl as train
+    from t2i_train.configs import SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, SDXL_VAE
 
     batch, checkpointing, upstream = row_batch(row, options), row.endswith("-gc"), row.endswith("-upstream")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -291,7 +273,7 @@ def run_sdxl_row(row, options):
     text_encoders = [encoder.to(device, dtype).requires_grad_(False) for encoder in text_encoders]
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    adapter = T2IAdapter(**train.derive_adapter_config(SDXL_UNET, SDXL_VAE)).to(device)
+    adapter = T2IAdapter(**train.configs.derive_adapter_config(SDXL_UNET, SDXL_VAE)).to(device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5, fused=device == "cuda")
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)

@@ -11,12 +11,10 @@ Example: python scripts/benchmark_control_score.py --pairs 16 32 --train_batch_s
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 
 def parse_args(argv=None):
@@ -45,16 +43,16 @@ def main(argv=None):
     work_dir = options.work_dir or tempfile.mkdtemp(prefix="control-score-bench-")
     model = build_tiny_sdxl(os.path.join(work_dir, "tiny-sdxl"), seed=0,
                             pretrained_base=os.path.join(ROOT, "assets", "tiny-fill-base"))
-    data = build_fill_dataset(os.path.join(work_dir, "fill"), num_samples=256, resolution=options.resolution,
+    fill = build_fill_dataset(os.path.join(work_dir, "fill"), num_samples=256, resolution=options.resolution,
                               seed=0, num_validation=0)
     args = train.parse_args([
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", data["imagefolder"],
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", fill["imagefolder"],
         "--resolution", str(options.resolution), "--train_batch_size", str(options.train_batch_size),
         "--validation_pairs", str(max(options.pairs)), "--seed", "0",
     ])
     components = train.load_models(args, train.check_inputs(args))
     adapter = components["adapter"]
-    training_data = train.load_training_data(args, seed=0)
+    training_data = train.data.load_training_data(args, seed=0)
     device, weight_dtype = torch.device("cpu"), torch.float32
     pairs = train.prepare_control_pairs(train.control_pair_batch(training_data.control_pairs, args), components, args, device)
     batch = train.control_pair_batch(training_data.dataset.select(range(options.train_batch_size)), args)
@@ -69,9 +67,9 @@ def main(argv=None):
         optimizer.zero_grad()
 
     def gain(count):
-        subset = train.ControlPairs(*(tensor[:count] for tensor in pairs))
-        return lambda: train.conditioning_gain(components["unet"], adapter, subset, sigmas,
-                                               scheduler.config.prediction_type, weight_dtype, args.train_batch_size)
+        subset = train.control.ControlPairs(*(tensor[:count] for tensor in pairs))
+        loss = train.pair_loss(components["unet"], adapter, sigmas, scheduler.config.prediction_type, weight_dtype)
+        return lambda: train.control.conditioning_gain(loss, subset, len(sigmas), args.train_batch_size)
 
     timed = {"training step": training_step, **{f"gain, {count} pairs": gain(count) for count in options.pairs}}
     times = {name: [] for name in timed}

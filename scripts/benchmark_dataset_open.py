@@ -12,12 +12,10 @@ Example: python scripts/benchmark_dataset_open.py --num_samples 2048
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 
 def parse_args(argv=None):
@@ -32,11 +30,11 @@ def seconds_to_open(folder, listed, cache_dir):
     else with a plain `load_dataset`."""
     from datasets import load_dataset
 
-    import train_t2i_adapter_sdxl as train
+    from t2i_train import data
 
     start = time.perf_counter()
     if listed:
-        train.open_dataset(folder, argparse.Namespace(dataset_config_name=None, cache_dir=cache_dir))
+        data.open_dataset(folder, argparse.Namespace(dataset_config_name=None, cache_dir=cache_dir))
     else:
         load_dataset(folder, cache_dir=cache_dir)
     return time.perf_counter() - start

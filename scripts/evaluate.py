@@ -41,7 +41,6 @@ Examples:
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -49,11 +48,11 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.transforms.functional import to_pil_image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+import train_t2i_adapter_sdxl as train
+from make_fill_dataset import COLORS, make_fill_sample
+from t2i_train import configs, control, data
 
-import train_t2i_adapter_sdxl as train  # noqa: E402
-from make_fill_dataset import COLORS, make_fill_sample  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
@@ -63,16 +62,16 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="The SDXL base (diffusers folder).")
     parser.add_argument("--adapter", default=None, help="Adapter folder; without it an untrained adapter is scored.")
     parser.add_argument("--resolution", type=int, default=64)
-    data = parser.add_argument_group("Pairs (default: held-out fill samples)")
-    data.add_argument("--data_dir", default=None, help="A dataset folder (imagefolder, parquet, shards).")
-    data.add_argument("--dataset_name", default=None, help="A dataset `datasets.load_dataset` finds by name.")
-    data.add_argument("--split", default=None, help="Its split (default: validation, else test, else train).")
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--conditioning_image_column", default="conditioning_image")
-    data.add_argument("--caption_column", default="text")
-    data.add_argument("--conditioning_type", choices=["image", "canny"], default="image",
+    pairs = parser.add_argument_group("Pairs (default: held-out fill samples)")
+    pairs.add_argument("--data_dir", default=None, help="A dataset folder (imagefolder, parquet, shards).")
+    pairs.add_argument("--dataset_name", default=None, help="A dataset `datasets.load_dataset` finds by name.")
+    pairs.add_argument("--split", default=None, help="Its split (default: validation, else test, else train).")
+    pairs.add_argument("--image_column", default="image")
+    pairs.add_argument("--conditioning_image_column", default="conditioning_image")
+    pairs.add_argument("--caption_column", default="text")
+    pairs.add_argument("--conditioning_type", choices=["image", "canny"], default="image",
                       help="'canny': conditions are the canny edges of the images (as the trainer's).")
-    data.add_argument("--data_seed", type=int, default=1, help="Seed of the held-out fill samples' stream.")
+    pairs.add_argument("--data_seed", type=int, default=1, help="Seed of the held-out fill samples' stream.")
     parser.add_argument("--num_samples", type=int, default=128, help="Pairs for the conditioning gain.")
     parser.add_argument("--noise_draws", type=int, default=2, help="Noise/timestep draws per pair and timestep quarter.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Seeds of the gain's noise (one row each).")
@@ -122,7 +121,8 @@ def trainer_args(args):
 
 def fill_rows(samples):
     """Fill samples as dataset rows (PNG-encoded images), the form the trainer's pairs come in."""
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     features = Features({"image": ImageFeature(), "conditioning_image": ImageFeature(), "text": Value("string")})
     columns = {"image": [s[0] for s in samples], "conditioning_image": [s[1] for s in samples],
@@ -134,10 +134,10 @@ def dataset_rows(args, count):
     """The first `count` rows of --data_dir / --dataset_name's split."""
     from datasets import Dataset
 
-    splits = train.open_dataset(args.data_dir or args.dataset_name, trainer_args(args))
+    splits = data.open_dataset(args.data_dir or args.dataset_name, trainer_args(args))
     split = args.split or next((name for name in ("validation", "test", "train") if name in splits), next(iter(splits)))
     rows = splits[split]
-    train.check_columns(rows.column_names, trainer_args(args))
+    data.check_columns(rows.column_names, trainer_args(args))
     if not isinstance(rows, Dataset) or len(rows) < 2:
         raise SystemExit(f"The split {split!r} has {len(rows)} rows; the gain needs at least 2.")
     return rows.select(range(min(count, len(rows))))
@@ -173,7 +173,7 @@ def load_adapter(adapter_dir, components, seed=0):
     if adapter_dir is not None:
         return T2IAdapter.from_pretrained(adapter_dir).eval()
     torch.manual_seed(seed)
-    config = train.derive_adapter_config(dict(components["unet"].config), dict(components["vae"].config))
+    config = configs.derive_adapter_config(dict(components["unet"].config), dict(components["vae"].config))
     return T2IAdapter(**config).eval()
 
 
@@ -186,10 +186,9 @@ def conditioning_gain(components, adapter, batch, args_for_trainer, seed=0, nois
     """The trainer's conditioning gain on a pair batch (control_pair_batch), its latents and noise from `seed`."""
     pairs = train.prepare_control_pairs(batch, components, args_for_trainer, torch.device("cpu"), seed=seed)
     scheduler = components["noise_scheduler"]
-    return train.conditioning_gain(
-        components["unet"], adapter, pairs, train.sigma_table(scheduler), scheduler.config.prediction_type,
-        torch.float32, batch_size, seed=seed, draws=noise_draws,
-    )
+    sigmas = train.sigma_table(scheduler)
+    loss = train.pair_loss(components["unet"], adapter, sigmas, scheduler.config.prediction_type, torch.float32)
+    return control.conditioning_gain(loss, pairs, len(sigmas), batch_size, seed=seed, draws=noise_draws)
 
 
 # ----------------------------------------------------------------------------
@@ -237,7 +236,7 @@ def controllability(metric, images, conditions, circles=None):
     """Mean --control_metric of generated `images` against the conditions they should follow."""
     if metric == "iou":
         return control_fidelity(images, circles)
-    return float(np.mean([train.control_score(metric, condition, image) for condition, image in zip(conditions, images)]))
+    return float(np.mean([control.control_score(metric, condition, image) for condition, image in zip(conditions, images)]))
 
 
 def make_pipelines(base, components, adapter):

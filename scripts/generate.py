@@ -28,12 +28,12 @@ Example:
 import argparse
 import os
 import re
-import sys
 
 from PIL import Image
 
+from t2i_train.images import pair_validation_inputs
+
 # The trainer (one folder up) holds the pairing rule shared with validation.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 SCHEDULERS = ("euler_ancestral", "default")
@@ -43,8 +43,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 def pair_prompts_and_images(prompts, images):
     """Pair prompts with condition images by the trainer's validation rule: equal counts pair in
     order; one prompt goes with every image, and one image with every prompt."""
-    from train_t2i_adapter_sdxl import pair_validation_inputs  # here: it imports torch, --help need not
-
     return pair_validation_inputs(list(prompts or []), list(images or []), "--prompt", "--image")
 
 

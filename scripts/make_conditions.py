@@ -50,16 +50,14 @@ import json
 import os
 import random
 import shutil
-import sys
 from dataclasses import dataclass, field
 
 from PIL import ExifTags, Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+from make_shards import add_dataset_arguments, stored_image_bytes
+from t2i_train.images import canny_condition, load_upright_rgb, random_canny_thresholds
 
-from make_shards import add_dataset_arguments, stored_image_bytes  # noqa: E402
-from train_t2i_adapter_sdxl import canny_condition, load_upright_rgb, random_canny_thresholds  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONDITIONS = ("canny", "depth", "lineart", "sketch", "openpose")
 # Image files an imagefolder reads as they are, by PIL format, with the extension they get.

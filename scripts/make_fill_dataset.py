@@ -39,7 +39,6 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw
 
-
 # Plainly named colours that stay distinguishable at low resolution, so a
 # caption always describes an image unambiguously.
 COLORS = {
@@ -185,7 +184,8 @@ def write_imagefolder(train_dir, encoded):
 def write_parquet(parquet_file, encoded):
     """Write one parquet shard whose image columns are ``datasets.Image`` features with embedded bytes."""
     # Imported here so that only this step, not importing the module, needs `datasets`.
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     features = Features({"image": ImageFeature(), "conditioning_image": ImageFeature(), "text": Value("string")})
     dataset = Dataset.from_dict(

@@ -42,14 +42,11 @@ import collections
 import glob
 import io
 import os
-import sys
 import tarfile
 
 from PIL import ExifTags, Image, ImageOps
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train_t2i_adapter_sdxl import verified_upright_size  # noqa: E402
+from t2i_train.images import verified_upright_size
 
 # The image formats whose bytes a shard keeps as they are, and the extension (column) each gets.
 EXTENSION_BY_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}

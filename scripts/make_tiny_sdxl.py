@@ -45,11 +45,9 @@ import tempfile
 import time
 
 import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
 
 # Sizes of the two text encoders. The UNet's cross-attention width is the sum of
 # their hidden sizes, and its pooled-text input is text encoder 2's projection.

@@ -58,13 +58,11 @@ import time
 import numpy as np
 import torch
 
+import train_t2i_adapter_sdxl as train
+from make_fill_dataset import make_fill_sample
+from make_tiny_sdxl import build_tiny_sdxl
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
-
-import train_t2i_adapter_sdxl as train  # noqa: E402
-from make_fill_dataset import make_fill_sample  # noqa: E402
-from make_tiny_sdxl import build_tiny_sdxl  # noqa: E402
-
 
 # The random tiny VAE normalises 32 channels in 32 groups: per-channel (instance) norm, which maps
 # any flat colour to the same activations, so its decoder cannot paint a flat region in a given

@@ -4,7 +4,6 @@ Run the suite with `bash scripts/test.sh` (or `pytest tests` inside the project'
 """
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,7 +24,6 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 os.environ["OMP_NUM_THREADS"] = "1"
 # Set before any test module imports huggingface_hub or datasets, which read it at import.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="t2i-tests-hf-home-")
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import torch  # noqa: E402
 

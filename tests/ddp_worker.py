@@ -8,17 +8,15 @@ Usage: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 tests/ddp_w
 
 import json
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import train_t2i_adapter_sdxl as train  # noqa: E402
+from t2i_train import loader
 
 end_training = Accelerator.end_training
-get_pair = train.PlannedPairs.__getitem__
+get_pair = loader.PlannedPairs.__getitem__
 rows_seen = []
 
 
@@ -39,5 +37,5 @@ def record_row_then_get_pair(pairs, key):
 
 if __name__ == "__main__":
     Accelerator.end_training = save_rank_weights_then_end_training
-    train.PlannedPairs.__getitem__ = record_row_then_get_pair
+    loader.PlannedPairs.__getitem__ = record_row_then_get_pair
     train.main(train.parse_args())

@@ -101,7 +101,7 @@ def build_shapes_dataset(folder, num_samples, num_validation, resolution=RESOLUT
 
     import numpy as np
 
-    import train_t2i_adapter_sdxl as train
+    from t2i_train import control, images
 
     rng = np.random.default_rng([seed, 7])
     prompts, edge_maps = [], []
@@ -114,7 +114,7 @@ def build_shapes_dataset(folder, num_samples, num_validation, resolution=RESOLUT
                 metadata.write(json.dumps({"file_name": f"{index:05d}.png", "text": caption}) + "\n")
                 if split == "validation":
                     edge_map = os.path.join(folder, f"edges_{index}.png")
-                    train.canny_condition(image, *train.CONTROL_CANNY_THRESHOLDS).save(edge_map)
+                    images.canny_condition(image, *control.CONTROL_CANNY_THRESHOLDS).save(edge_map)
                     prompts.append(caption)
                     edge_maps.append(edge_map)
     return {"imagefolder": str(folder), "validation_prompts": prompts, "validation_images": edge_maps}

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION
+from t2i_train import configs
 
 # Real SDXL base 1.0 (shared/README.md).
 SDXL_UNET_CONFIG = {
@@ -128,22 +128,22 @@ def tiny_unet_with(down_block_types, block_out_channels, text_time, seed=0):
 
 def test_derived_adapter_for_real_sdxl_is_upstreams_adapter():
     """On SDXL's real configs the derived adapter is exactly upstream's hard-coded one."""
-    config = train.derive_adapter_config(SDXL_UNET_CONFIG, SDXL_VAE_CONFIG)
+    config = configs.derive_adapter_config(SDXL_UNET_CONFIG, SDXL_VAE_CONFIG)
     assert {**config, "channels": list(config["channels"])} == UPSTREAM_ADAPTER
 
 
 def test_upstream_adapter_fits_real_sdxl_at_1024():
     """check_adapter_fits accepts upstream's adapter on SDXL at 1024² (and at other multiples of 32)."""
     for resolution in (1024, 512, 768, 1152):
-        train.check_adapter_fits(UPSTREAM_ADAPTER, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, resolution)
+        configs.check_adapter_fits(UPSTREAM_ADAPTER, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, resolution)
 
 
 def test_real_sdxl_shapes_at_1024():
     """At 1024² SDXL's latents are 128²; the adapter maps are 64, 64, 32, 32 at 320, 640, 1280, 1280 channels,
     and the UNet takes exactly those."""
     expected = [(320, 64), (640, 64), (1280, 32), (1280, 32)]
-    assert train.adapter_feature_shapes(UPSTREAM_ADAPTER, 1024) == expected
-    assert train.unet_residual_shapes(SDXL_UNET_CONFIG, 1024 // 8) == expected
+    assert configs.adapter_feature_shapes(UPSTREAM_ADAPTER, 1024) == expected
+    assert configs.unet_residual_shapes(SDXL_UNET_CONFIG, 1024 // 8) == expected
 
 
 def test_derived_adapter_on_tiny_model_makes_the_shapes_the_unet_takes(tiny_configs):
@@ -152,17 +152,17 @@ def test_derived_adapter_on_tiny_model_makes_the_shapes_the_unet_takes(tiny_conf
     from diffusers import T2IAdapter
 
     unet_config, vae_config = tiny_configs
-    config = train.derive_adapter_config(unet_config, vae_config)
+    config = configs.derive_adapter_config(unet_config, vae_config)
     assert list(config["channels"]) == list(unet_config["block_out_channels"]) + [unet_config["block_out_channels"][-1]]
     torch.manual_seed(0)
     adapter = T2IAdapter(**config)
     features = adapter(torch.rand(2, 3, RESOLUTION, RESOLUTION))
     measured = [(f.shape[1], f.shape[2]) for f in features]
     assert all(f.shape[0] == 2 and f.shape[2] == f.shape[3] for f in features)
-    assert measured == train.adapter_feature_shapes(config, RESOLUTION)
+    assert measured == configs.adapter_feature_shapes(config, RESOLUTION)
     latent_side = RESOLUTION // 2 ** (len(vae_config["block_out_channels"]) - 1)
-    assert measured == train.unet_residual_shapes(unet_config, latent_side)
-    train.check_adapter_fits(config, unet_config, vae_config, RESOLUTION)
+    assert measured == configs.unet_residual_shapes(unet_config, latent_side)
+    configs.check_adapter_fits(config, unet_config, vae_config, RESOLUTION)
 
 
 def test_tiny_unet_consumes_every_derived_adapter_residual_and_they_change_its_output(tiny_configs, tiny_unet):
@@ -171,7 +171,7 @@ def test_tiny_unet_consumes_every_derived_adapter_residual_and_they_change_its_o
     from diffusers import T2IAdapter
 
     unet_config, vae_config = tiny_configs
-    config = train.derive_adapter_config(unet_config, vae_config)
+    config = configs.derive_adapter_config(unet_config, vae_config)
     torch.manual_seed(0)
     adapter = T2IAdapter(**config)
     with torch.no_grad():
@@ -191,9 +191,9 @@ def test_adapter_without_mid_block_map_is_accepted_and_fully_consumed(tiny_confi
     from diffusers import T2IAdapter
 
     unet_config, vae_config = tiny_configs
-    config = train.derive_adapter_config(unet_config, vae_config)
+    config = configs.derive_adapter_config(unet_config, vae_config)
     config["channels"] = list(config["channels"])[:-1]
-    train.check_adapter_fits(config, unet_config, vae_config, RESOLUTION)
+    configs.check_adapter_fits(config, unet_config, vae_config, RESOLUTION)
     torch.manual_seed(0)
     with torch.no_grad():
         residuals = list(T2IAdapter(**config)(torch.rand(2, 3, RESOLUTION, RESOLUTION)))
@@ -204,12 +204,12 @@ def test_adapter_without_mid_block_map_is_accepted_and_fully_consumed(tiny_confi
 def test_wrong_adapter_is_refused_naming_both_shapes(tiny_configs):
     """An adapter with the wrong channels is refused; the message gives the adapter's and the UNet's shapes."""
     unet_config, vae_config = tiny_configs
-    wrong = {**train.derive_adapter_config(unet_config, vae_config), "channels": [16, 32, 64, 64]}
-    adapter_shapes = train.adapter_feature_shapes(wrong, RESOLUTION)
-    unet_shapes = train.unet_residual_shapes(unet_config, RESOLUTION // 8)
+    wrong = {**configs.derive_adapter_config(unet_config, vae_config), "channels": [16, 32, 64, 64]}
+    adapter_shapes = configs.adapter_feature_shapes(wrong, RESOLUTION)
+    unet_shapes = configs.unet_residual_shapes(unet_config, RESOLUTION // 8)
     assert adapter_shapes != unet_shapes
     with pytest.raises(ValueError) as error:
-        train.check_adapter_fits(wrong, unet_config, vae_config, RESOLUTION)
+        configs.check_adapter_fits(wrong, unet_config, vae_config, RESOLUTION)
     message = str(error.value)
     assert str(adapter_shapes) in message and str(unet_shapes) in message, message
 
@@ -218,30 +218,30 @@ def test_real_sdxl_adapter_does_not_fit_the_tiny_unet(tiny_configs):
     """Upstream's SDXL adapter on another UNet (upstream defect 9) is refused up front, not a crash mid-step."""
     unet_config, vae_config = tiny_configs
     with pytest.raises(ValueError, match="does not fit"):
-        train.check_adapter_fits(UPSTREAM_ADAPTER, unet_config, vae_config, RESOLUTION)
+        configs.check_adapter_fits(UPSTREAM_ADAPTER, unet_config, vae_config, RESOLUTION)
 
 
 def test_wrong_downscale_is_refused(tiny_configs):
     """An adapter whose downscale does not match the VAE's (8 instead of 16) makes maps of the wrong size."""
     unet_config, vae_config = tiny_configs
-    wrong = {**train.derive_adapter_config(unet_config, vae_config), "downscale_factor": 8}
+    wrong = {**configs.derive_adapter_config(unet_config, vae_config), "downscale_factor": 8}
     with pytest.raises(ValueError, match="does not fit"):
-        train.check_adapter_fits(wrong, unet_config, vae_config, RESOLUTION)
+        configs.check_adapter_fits(wrong, unet_config, vae_config, RESOLUTION)
 
 
 def test_resolution_not_divisible_by_total_downscale_is_refused():
     """At a resolution divisible by 8 but not by the adapter's total downscale (16 × 2 = 32) the check fails
     naming the resolution and the factor."""
     with pytest.raises(ValueError) as error:
-        train.check_adapter_fits(UPSTREAM_ADAPTER, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, 1000)
+        configs.check_adapter_fits(UPSTREAM_ADAPTER, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, 1000)
     assert "--resolution" in str(error.value) and "1000" in str(error.value) and "32" in str(error.value)
 
 
 def test_derived_adapter_for_real_sd15_is_diffusers_sd15_adapter():
     """On SD 1.5's UNet (four down blocks) the derived adapter is diffusers' default, SD 1.5's full_adapter: no
     mid-block map, the pixels unshuffled by the VAE's 8."""
-    assert train.derive_adapter_config(SD15_UNET_CONFIG, SDXL_VAE_CONFIG) == SD15_ADAPTER
-    train.check_adapter_fits(SD15_ADAPTER, SD15_UNET_CONFIG, SDXL_VAE_CONFIG, 512)
+    assert configs.derive_adapter_config(SD15_UNET_CONFIG, SDXL_VAE_CONFIG) == SD15_ADAPTER
+    configs.check_adapter_fits(SD15_ADAPTER, SD15_UNET_CONFIG, SDXL_VAE_CONFIG, 512)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
@@ -253,9 +253,9 @@ def test_derived_adapter_fits_and_drives_a_unet_with_2_3_or_4_down_blocks(layout
     down_block_types, block_out_channels, text_time, expected = LAYOUTS[layout]
     unet = tiny_unet_with(down_block_types, block_out_channels, text_time)
     unet_config = dict(unet.config)
-    config = train.derive_adapter_config(unet_config, SDXL_VAE_CONFIG)
+    config = configs.derive_adapter_config(unet_config, SDXL_VAE_CONFIG)
     assert (config["adapter_type"], config["channels"], config["downscale_factor"]) == expected
-    train.check_adapter_fits(config, unet_config, SDXL_VAE_CONFIG, RESOLUTION)
+    configs.check_adapter_fits(config, unet_config, SDXL_VAE_CONFIG, RESOLUTION)
     torch.manual_seed(0)
     adapter = T2IAdapter(**config)
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_derived_adapter_fits_and_drives_a_unet_with_2_3_or_4_down_blocks(layout
 
 def fits(adapter_config, unet_config, resolution):
     try:
-        train.check_adapter_fits(adapter_config, unet_config, SDXL_VAE_CONFIG, resolution)
+        configs.check_adapter_fits(adapter_config, unet_config, SDXL_VAE_CONFIG, resolution)
     except ValueError:
         return False
     return True
@@ -285,7 +285,7 @@ def test_derived_adapter_fits_every_unet_that_some_adapter_fits():
     for num_blocks in (2, 3, 4):
         for down_block_types in itertools.product(("DownBlock2D", "CrossAttnDownBlock2D"), repeat=num_blocks):
             unet_config = {"down_block_types": down_block_types, "block_out_channels": (32, 48, 64, 80)[:num_blocks]}
-            unet_shapes = train.unet_residual_shapes(unet_config, resolution // 8)
+            unet_shapes = configs.unet_residual_shapes(unet_config, resolution // 8)
             some_adapter_fits = any(
                 fits(
                     {"in_channels": 3, "channels": [c for c, _ in unet_shapes[:k]], "num_res_blocks": 2,
@@ -298,10 +298,10 @@ def test_derived_adapter_fits_every_unet_that_some_adapter_fits():
                 for k in range(1, len(unet_shapes) + 1)
             )
             if some_adapter_fits:
-                assert fits(train.derive_adapter_config(unet_config, SDXL_VAE_CONFIG), unet_config, resolution)
+                assert fits(configs.derive_adapter_config(unet_config, SDXL_VAE_CONFIG), unet_config, resolution)
             else:
                 with pytest.raises(ValueError, match="No T2I-Adapter") as error:
-                    train.derive_adapter_config(unet_config, SDXL_VAE_CONFIG)
+                    configs.derive_adapter_config(unet_config, SDXL_VAE_CONFIG)
                 message = str(error.value)
                 assert str(list(down_block_types)) in message, message
                 assert str(list(unet_config["block_out_channels"])) in message, message
@@ -312,7 +312,7 @@ def test_derived_adapter_fits_every_unet_that_some_adapter_fits():
 def test_unet_no_adapter_fits_is_refused_naming_its_blocks_and_channels():
     """A UNet whose residuals no adapter type makes gets a clear error, not an adapter the fit check refuses."""
     with pytest.raises(ValueError) as error:
-        train.derive_adapter_config(UNFITTABLE_UNET_CONFIG, SDXL_VAE_CONFIG)
+        configs.derive_adapter_config(UNFITTABLE_UNET_CONFIG, SDXL_VAE_CONFIG)
     message = str(error.value)
     assert message.startswith("No T2I-Adapter (full_adapter_xl or full_adapter) fits this UNet"), message
     assert str(list(UNFITTABLE_UNET_CONFIG["down_block_types"])) in message, message
@@ -332,5 +332,5 @@ def test_adapter_feature_shapes_are_what_each_adapter_type_makes(adapter_type, c
               "adapter_type": adapter_type}
     with torch.no_grad():
         features = T2IAdapter(**config)(torch.rand(1, 3, RESOLUTION, RESOLUTION))
-    assert [(f.shape[1], f.shape[2]) for f in features] == train.adapter_feature_shapes(config, RESOLUTION)
-    assert train.adapter_total_downscale(config) == T2IAdapter(**config).total_downscale_factor
+    assert [(f.shape[1], f.shape[2]) for f in features] == configs.adapter_feature_shapes(config, RESOLUTION)
+    assert configs.adapter_total_downscale(config) == T2IAdapter(**config).total_downscale_factor

@@ -12,6 +12,7 @@ import torch
 
 import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION, run_training, training_argv
+from t2i_train import configs
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +74,7 @@ def test_resolution_not_divisible_by_the_adapter_downscale(tiny_sdxl, fill_data,
     the factor. The factor is measured here: image side / side of the adapter's smallest feature map."""
     from diffusers import T2IAdapter
 
-    config = train.derive_adapter_config(read_config(tiny_sdxl, "unet"), read_config(tiny_sdxl, "vae"))
+    config = configs.derive_adapter_config(read_config(tiny_sdxl, "unet"), read_config(tiny_sdxl, "vae"))
     with torch.no_grad():
         features = T2IAdapter(**config)(torch.zeros(1, 3, 256, 256))
     total_downscale = 256 // min(f.shape[-1] for f in features)

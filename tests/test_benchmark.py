@@ -98,16 +98,16 @@ def test_the_upstream_row_runs_the_trainer_as_upstream_does(tiny_sdxl, fill_data
                                     "--resolution", "64", "--mixed_precision", "no"])
     calls, loaded = {}, []
 
-    def counted(name):
-        function = getattr(train, name)
+    def counted(module, name):
+        function = getattr(module, name)
 
         def count_then_call(*args, **kwargs):
             calls[name] = calls.get(name, 0) + 1
             return function(*args, **kwargs)
-        monkeypatch.setattr(train, name, count_then_call)
+        monkeypatch.setattr(module, name, count_then_call)
 
-    for name in ("recorded_scan_samples", "encode_prompt", "adapter_training_loss"):
-        counted(name)
+    for module, name in ((train.data, "recorded_scan_samples"), (train, "encode_prompt"), (train, "adapter_training_loss")):
+        counted(module, name)
     load_models = train.load_models
     monkeypatch.setattr(train, "load_models", lambda *a: loaded.append(load_models(*a)) or loaded[-1])
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import train_t2i_adapter_sdxl as train
+from t2i_train import lifecycle
 
 
 @pytest.fixture(autouse=True)
@@ -26,11 +26,11 @@ def make_folder(output_dir, steps, extra=(), run=RUN):
     wrote it), plus `extra` files or folders ('/')."""
     os.makedirs(output_dir, exist_ok=True)
     for step in steps:
-        for name in train.CHECKPOINT_FILES:
+        for name in lifecycle.CHECKPOINT_FILES:
             path = os.path.join(output_dir, f"checkpoint-{step}", name.format(0))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
-                f.write(json.dumps({"run": run, "step": step}) if name == train.DATA_STATE_FILE else str(step))
+                f.write(json.dumps({"run": run, "step": step}) if name == lifecycle.DATA_STATE_FILE else str(step))
     for name in extra:
         path = os.path.join(output_dir, name)
         if name.endswith("/"):
@@ -52,7 +52,7 @@ def test_list_checkpoints_sorts_numerically_and_ignores_the_rest(tmp_path):
         tmp_path / "out", [10, 9, 2, 100],
         extra=["checkpoint-7.tmp/", "checkpoint-x/", "logs/", "checkpoint-11-old/", "README.md", "checkpoint-5.zip"],
     )
-    listed = train.list_checkpoints(output_dir)
+    listed = lifecycle.list_checkpoints(output_dir)
     assert names(listed) == ["checkpoint-2", "checkpoint-9", "checkpoint-10", "checkpoint-100"]
     assert all(os.path.dirname(path) == output_dir for path in listed)
 
@@ -61,33 +61,33 @@ def test_files_named_like_checkpoints_are_not_checkpoints(tmp_path):
     """A plain file called checkpoint-N is not a checkpoint: pruning keeps the newest real checkpoints (counting the
     file, it would delete the one just saved), "latest" is a real checkpoint folder, and listing skips the file."""
     output_dir = make_folder(tmp_path / "out", [1, 2], extra=["checkpoint-8"])
-    train.prune_checkpoints(output_dir, 1, RUN)
+    lifecycle.prune_checkpoints(output_dir, 1, RUN)
     assert os.path.isdir(os.path.join(output_dir, "checkpoint-2")), "the newest real checkpoint was pruned"
     assert not os.path.exists(os.path.join(output_dir, "checkpoint-1"))
     assert os.path.isfile(os.path.join(output_dir, "checkpoint-8"))
-    assert train.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-2")
-    assert names(train.list_checkpoints(output_dir)) == ["checkpoint-2"]
+    assert lifecycle.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-2")
+    assert names(lifecycle.list_checkpoints(output_dir)) == ["checkpoint-2"]
 
 
 def test_list_checkpoints_of_missing_or_empty_folder_is_empty(tmp_path):
     """No folder, or no checkpoints in it: an empty list."""
-    assert train.list_checkpoints(str(tmp_path / "missing")) == []
-    assert train.list_checkpoints(make_folder(tmp_path / "empty", [], extra=["logs/"])) == []
+    assert lifecycle.list_checkpoints(str(tmp_path / "missing")) == []
+    assert lifecycle.list_checkpoints(make_folder(tmp_path / "empty", [], extra=["logs/"])) == []
 
 
 @pytest.mark.parametrize("limit", [1, 2, 3])
 def test_prune_keeps_exactly_the_newest_n(tmp_path, limit):
     """prune_checkpoints deletes the oldest so that exactly the newest `limit` remain; everything else stays."""
     output_dir = make_folder(tmp_path / "out", [1, 9, 10, 20], extra=["checkpoint-30.tmp/", "notes.txt"])
-    removed = train.prune_checkpoints(output_dir, limit, RUN)
-    remaining = names(train.list_checkpoints(output_dir))
+    removed = lifecycle.prune_checkpoints(output_dir, limit, RUN)
+    remaining = names(lifecycle.list_checkpoints(output_dir))
     assert remaining == ["checkpoint-1", "checkpoint-9", "checkpoint-10", "checkpoint-20"][-limit:]
     assert sorted(names(removed)) == sorted(set(["checkpoint-1", "checkpoint-9", "checkpoint-10", "checkpoint-20"]) - set(remaining))
     for path in removed:
         assert not os.path.exists(path)
     assert os.path.isdir(os.path.join(output_dir, "checkpoint-30.tmp"))
     assert os.path.isfile(os.path.join(output_dir, "notes.txt"))
-    with open(os.path.join(output_dir, remaining[-1], train.CHECKPOINT_FILES[0].format(0))) as f:
+    with open(os.path.join(output_dir, remaining[-1], lifecycle.CHECKPOINT_FILES[0].format(0))) as f:
         assert f.read() == "20"
 
 
@@ -95,32 +95,32 @@ def test_prune_keeps_exactly_the_newest_n(tmp_path, limit):
 def test_prune_within_limit_removes_nothing(tmp_path, limit):
     """With no limit, or no more checkpoints than the limit, nothing is removed."""
     output_dir = make_folder(tmp_path / "out", [1, 2, 3, 4])
-    assert train.prune_checkpoints(output_dir, limit, RUN) == []
-    assert len(train.list_checkpoints(output_dir)) == 4
+    assert lifecycle.prune_checkpoints(output_dir, limit, RUN) == []
+    assert len(lifecycle.list_checkpoints(output_dir)) == 4
 
 
 def test_resolve_latest_picks_highest_step(tmp_path):
     """"latest" is the highest-numbered complete checkpoint (not the lexically last, not a .tmp one)."""
     output_dir = make_folder(tmp_path / "out", [9, 10, 2], extra=["checkpoint-99.tmp/"])
-    assert train.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-10")
+    assert lifecycle.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-10")
 
 
 def test_resolve_latest_without_checkpoints_is_none(tmp_path):
     """"latest" with no checkpoint (or no output folder yet) starts fresh: None."""
-    assert train.resolve_resume_checkpoint(make_folder(tmp_path / "out", []), "latest") is None
-    assert train.resolve_resume_checkpoint(str(tmp_path / "missing"), "latest") is None
+    assert lifecycle.resolve_resume_checkpoint(make_folder(tmp_path / "out", []), "latest") is None
+    assert lifecycle.resolve_resume_checkpoint(str(tmp_path / "missing"), "latest") is None
 
 
 def test_resolve_by_name_and_by_path(tmp_path):
     """A checkpoint name is looked up in output_dir; a path is used as it is (even outside output_dir)."""
     output_dir = make_folder(tmp_path / "out", [5, 10])
     other = make_folder(tmp_path / "elsewhere", [7])
-    assert train.resolve_resume_checkpoint(output_dir, "checkpoint-5") == os.path.join(output_dir, "checkpoint-5")
+    assert lifecycle.resolve_resume_checkpoint(output_dir, "checkpoint-5") == os.path.join(output_dir, "checkpoint-5")
     path = os.path.join(output_dir, "checkpoint-10")
-    assert train.resolve_resume_checkpoint(output_dir, path) == path
-    assert train.resolve_resume_checkpoint(output_dir, path + "/") == path + "/"
+    assert lifecycle.resolve_resume_checkpoint(output_dir, path) == path
+    assert lifecycle.resolve_resume_checkpoint(output_dir, path + "/") == path + "/"
     elsewhere = os.path.join(other, "checkpoint-7")
-    assert train.resolve_resume_checkpoint(output_dir, elsewhere) == elsewhere
+    assert lifecycle.resolve_resume_checkpoint(output_dir, elsewhere) == elsewhere
 
 
 def test_resolve_missing_checkpoint_is_an_error_listing_those_there_are(tmp_path):
@@ -129,9 +129,9 @@ def test_resolve_missing_checkpoint_is_an_error_listing_those_there_are(tmp_path
     output_dir = make_folder(tmp_path / "out", [5, 10])
     for name in ("checkpoint-6", str(tmp_path / "nowhere" / "checkpoint-6")):
         with pytest.raises(ValueError, match=r"'.*checkpoint-6'.*no such checkpoint.*checkpoint-5, checkpoint-10"):
-            train.resolve_resume_checkpoint(output_dir, name)
+            lifecycle.resolve_resume_checkpoint(output_dir, name)
     with pytest.raises(ValueError, match="Checkpoints in .*: none"):
-        train.resolve_resume_checkpoint(make_folder(tmp_path / "empty", []), "checkpoint-6")
+        lifecycle.resolve_resume_checkpoint(make_folder(tmp_path / "empty", []), "checkpoint-6")
 
 
 def test_a_new_run_refuses_a_folder_with_checkpoints(tmp_path):
@@ -140,16 +140,16 @@ def test_a_new_run_refuses_a_folder_with_checkpoints(tmp_path):
     output_dir = make_folder(tmp_path / "out", [500, 1000])
     with pytest.raises(ValueError, match=r"already holds checkpoints .*\(checkpoint-500, checkpoint-1000\)\."
                                          r" Resume it with `--resume_from_checkpoint latest`, or .*another `--output_dir`"):
-        train.resolve_resume_checkpoint(output_dir, None)
-    assert train.resolve_resume_checkpoint(make_folder(tmp_path / "fresh", [], extra=["logs/"]), None) is None
-    assert train.resolve_resume_checkpoint(str(tmp_path / "not-yet"), None) is None
+        lifecycle.resolve_resume_checkpoint(output_dir, None)
+    assert lifecycle.resolve_resume_checkpoint(make_folder(tmp_path / "fresh", [], extra=["logs/"]), None) is None
+    assert lifecycle.resolve_resume_checkpoint(str(tmp_path / "not-yet"), None) is None
 
 
 def test_resolve_missing_path_falls_back_to_its_name_in_output_dir(tmp_path):
     """Upstream resumes from output_dir/<basename of the argument>: a path that does not exist but whose name is
     a checkpoint in output_dir resolves to that checkpoint."""
     output_dir = make_folder(tmp_path / "out", [5])
-    resolved = train.resolve_resume_checkpoint(output_dir, str(tmp_path / "nowhere" / "checkpoint-5"))
+    resolved = lifecycle.resolve_resume_checkpoint(output_dir, str(tmp_path / "nowhere" / "checkpoint-5"))
     assert resolved == os.path.join(output_dir, "checkpoint-5")
 
 
@@ -157,9 +157,9 @@ def test_resolve_non_checkpoint_folder_is_an_error(tmp_path):
     """An existing folder that is not named checkpoint-<step> cannot give a step: an error naming it."""
     output_dir = make_folder(tmp_path / "out", [5], extra=["logs/"])
     with pytest.raises(ValueError, match="logs"):
-        train.resolve_resume_checkpoint(output_dir, "logs")
+        lifecycle.resolve_resume_checkpoint(output_dir, "logs")
     with pytest.raises(ValueError, match="logs"):
-        train.resolve_resume_checkpoint(output_dir, os.path.join(output_dir, "logs"))
+        lifecycle.resolve_resume_checkpoint(output_dir, os.path.join(output_dir, "logs"))
 
 
 @pytest.mark.parametrize(
@@ -168,14 +168,14 @@ def test_resolve_non_checkpoint_folder_is_an_error(tmp_path):
 )
 def test_checkpoint_step(path, step):
     """The step is read from the folder name, with or without a leading path or trailing slash."""
-    assert train.checkpoint_step(path) == step
+    assert lifecycle.checkpoint_step(path) == step
 
 
 @pytest.mark.parametrize("path", ["checkpoint-7.tmp", "checkpoint-", "checkpoint-x", "logs", "/a/checkpoint-3/logs"])
 def test_checkpoint_step_refuses_other_names(path):
     """Names that are not checkpoint-<step> are refused."""
     with pytest.raises(ValueError):
-        train.checkpoint_step(path)
+        lifecycle.checkpoint_step(path)
 
 
 def test_latest_skips_an_incomplete_newest_checkpoint(tmp_path, caplog):
@@ -184,7 +184,7 @@ def test_latest_skips_an_incomplete_newest_checkpoint(tmp_path, caplog):
     output_dir = make_folder(tmp_path / "out", [2, 4])
     os.makedirs(os.path.join(output_dir, "checkpoint-6"))
     open(os.path.join(output_dir, "checkpoint-4", "scheduler.bin"), "w").close()
-    assert train.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-2")
+    assert lifecycle.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-2")
     assert "checkpoint-6, which is incomplete: random_states_0.pkl is missing" in caplog.text
     assert "checkpoint-4, which is incomplete: scheduler.bin is empty" in caplog.text
 
@@ -194,10 +194,10 @@ def test_pruning_leaves_checkpoints_of_another_run_and_the_newest(tmp_path):
     all, whoever wrote it."""
     output_dir = make_folder(tmp_path / "out", [1, 3, 5])
     make_folder(output_dir, [2, 4], run="another-run")
-    removed = train.prune_checkpoints(output_dir, 1, RUN)
+    removed = lifecycle.prune_checkpoints(output_dir, 1, RUN)
     assert names(removed) == ["checkpoint-1", "checkpoint-3"]
-    assert names(train.list_checkpoints(output_dir)) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    assert names(lifecycle.list_checkpoints(output_dir)) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
     make_folder(output_dir, [6], run="another-run")
-    assert train.prune_checkpoints(output_dir, 1, RUN) == []  # its only one, though not the newest
-    assert names(train.prune_checkpoints(output_dir, 1, "another-run")) == ["checkpoint-2", "checkpoint-4"]
-    assert names(train.list_checkpoints(output_dir)) == ["checkpoint-5", "checkpoint-6"]
+    assert lifecycle.prune_checkpoints(output_dir, 1, RUN) == []  # its only one, though not the newest
+    assert names(lifecycle.prune_checkpoints(output_dir, 1, "another-run")) == ["checkpoint-2", "checkpoint-4"]
+    assert names(lifecycle.list_checkpoints(output_dir)) == ["checkpoint-5", "checkpoint-6"]

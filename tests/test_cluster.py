@@ -12,6 +12,7 @@ import pytest
 
 import train_t2i_adapter_sdxl as train
 from helpers import load_adapter_weights, max_weight_difference, run_training, training_argv
+from t2i_train import lifecycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_t2i_adapter_sdxl.py")
@@ -69,7 +70,7 @@ def test_sigterm_during_the_final_phase_leaves_the_final_adapter(tiny_sdxl, fill
                          "--validation_steps", 1000, "--validation_prompt", *fill_data["validation_prompts"],
                          "--validation_image", *fill_data["validation_images"], "--num_validation_images", 10)
     process = start_training(argv)
-    wait_for(lambda: (output_dir / train.FINISHED_FILE).is_file(), process, "the final adapter")
+    wait_for(lambda: (output_dir / lifecycle.FINISHED_FILE).is_file(), process, "the final adapter")
     returncode, stderr = signal_group_and_wait(process)
     assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert re.search(r"Stopped by SIGTERM at step 2; saved the adapter in \S+out\.", stderr)
@@ -140,7 +141,7 @@ def test_two_runs_on_one_folder_the_second_refuses_naming_the_first(tiny_sdxl, f
     returncode, _ = signal_group_and_wait(process, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
     monkeypatch.undo()
-    step = train.checkpoint_step(train.list_checkpoints(output_dir)[-1])
+    step = lifecycle.checkpoint_step(lifecycle.list_checkpoints(output_dir)[-1])
     assert run_training(training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", step + 1,
                                       "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")) == step + 1
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 import evaluate
-import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION, build_shapes_dataset, run_training, training_argv
 from make_fill_dataset import COLORS, build_fill_dataset
 from plot_control_curve import tensorboard_scalars
+from t2i_train import control, images
 
 # Measured on the 2-core CPU machine (one thread), base pretrained as in assets/tiny-fill-base, 200 steps
 # of batch 8 at lr 1e-3 with 32 pairs held out: the logged gain is -0.0007, 0.194 and 0.239 at steps 0,
@@ -107,22 +107,22 @@ def test_control_fidelity_of_a_shifted_disc_is_partial():
 def test_edge_f1_is_one_for_an_image_whose_edges_are_the_condition_and_zero_for_a_blank_image():
     image = Image.new("RGB", (RESOLUTION, RESOLUTION), COLORS["blue"])
     ImageDraw.Draw(image).rectangle((10, 12, 40, 50), fill=COLORS["yellow"])
-    condition = train.canny_condition(image, *train.CONTROL_CANNY_THRESHOLDS)
-    assert train.edge_f1(condition, image) == 1.0
-    assert train.edge_f1(condition, Image.new("RGB", image.size, COLORS["blue"])) == 0.0
+    condition = images.canny_condition(image, *control.CONTROL_CANNY_THRESHOLDS)
+    assert control.edge_f1(condition, image) == 1.0
+    assert control.edge_f1(condition, Image.new("RGB", image.size, COLORS["blue"])) == 0.0
     moved = Image.new("RGB", image.size, COLORS["blue"])
     ImageDraw.Draw(moved).rectangle((14, 12, 44, 50), fill=COLORS["yellow"])  # 4 px to the right
-    assert 0.0 < train.edge_f1(condition, moved) < 1.0  # the horizontal edges still match in part
+    assert 0.0 < control.edge_f1(condition, moved) < 1.0  # the horizontal edges still match in part
 
 
 def test_ssim_is_one_for_equal_images_and_falls_with_the_structure():
     image = Image.new("RGB", (RESOLUTION, RESOLUTION), (0, 0, 0))
     ImageDraw.Draw(image).ellipse((8, 8, 40, 48), outline=(255, 255, 255), width=2)
-    assert train.ssim(image, image) == pytest.approx(1.0, abs=1e-6)
+    assert control.ssim(image, image) == pytest.approx(1.0, abs=1e-6)
     moved = Image.new("RGB", image.size, (0, 0, 0))
     ImageDraw.Draw(moved).ellipse((20, 12, 52, 52), outline=(255, 255, 255), width=2)
     inverted = Image.eval(image, lambda value: 255 - value)
-    assert train.ssim(image, inverted) < train.ssim(image, moved) < 1.0
+    assert control.ssim(image, inverted) < control.ssim(image, moved) < 1.0
 
 
 # Measured on the 2-core CPU machine: after 200 steps on 512 textured-shape images, scripts/evaluate.py on
@@ -173,8 +173,9 @@ def test_a_canny_adapter_on_textured_shapes_draws_edges_nearer_its_conditions_th
 
 
 def test_the_control_curve_plot_reads_the_logged_gain(tmp_path):
-    import plot_control_curve
     from torch.utils.tensorboard import SummaryWriter
+
+    import plot_control_curve
 
     writer = SummaryWriter(str(tmp_path / "logs" / "run"))
     for step, gain in [(0, -0.002), (100, 0.13), (200, 0.2)]:

@@ -12,9 +12,15 @@ import torch
 
 import train_t2i_adapter_sdxl as train
 from helpers import (
-    RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv, wandb_offline_history,
+    RESOLUTION,
+    load_adapter_weights,
+    max_weight_difference,
+    run_training,
+    training_argv,
+    wandb_offline_history,
 )
 from plot_control_curve import tensorboard_scalars
+from t2i_train import lifecycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_TOKEN = "hf_testTOKENthatMustNeverBeLogged123"
@@ -108,10 +114,10 @@ def test_checkpoint_pruning_keeps_exactly_the_newest(tiny_sdxl, fill_data, tmp_p
                                "--checkpointing_steps", 1, "--checkpoints_total_limit", 2))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
     checkpoint = tmp_path / "checkpoint-5"
-    assert (checkpoint / train.ADAPTER_SUBFOLDER / "config.json").is_file()
+    assert (checkpoint / lifecycle.ADAPTER_SUBFOLDER / "config.json").is_file()
     assert (checkpoint / "optimizer.bin").is_file() and (checkpoint / "scheduler.bin").is_file()
     # The last checkpoint's adapter is the final adapter.
-    assert max_weight_difference(load_adapter_weights(checkpoint / train.ADAPTER_SUBFOLDER),
+    assert max_weight_difference(load_adapter_weights(checkpoint / lifecycle.ADAPTER_SUBFOLDER),
                                  load_adapter_weights(tmp_path)) == 0
 
 
@@ -163,7 +169,7 @@ def test_push_to_hub_uploads_the_adapter_and_model_card(tiny_sdxl, fill_data, tm
     upload = calls["upload_folder"]
     assert upload["repo_id"] == "me/fill-adapter" and upload["folder_path"] == str(output_dir)
     assert upload["ignore_patterns"][:2] == ["step_*", "epoch_*"] and upload["token"] == SECRET_TOKEN
-    assert {train.LOCK_FILE, train.FINISHED_FILE} <= set(upload["ignore_patterns"])  # ours, not the adapter's
+    assert {lifecycle.LOCK_FILE, lifecycle.FINISHED_FILE} <= set(upload["ignore_patterns"])  # ours, not the adapter's
     for name in ("README.md", "config.json", "diffusion_pytorch_model.safetensors", "images_0.png", "images_1.png"):
         assert name in calls["uploaded_files"]
     card = (output_dir / "README.md").read_text()

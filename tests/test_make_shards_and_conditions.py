@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter
 
 import make_conditions
 import make_shards
-from train_t2i_adapter_sdxl import canny_condition, random_canny_thresholds
+from t2i_train.images import canny_condition, random_canny_thresholds
 
 
 def fill_rows(fill_data):
@@ -178,7 +178,8 @@ def test_shards_without_conditions(fill_data, tmp_path):
 
 
 def test_dataset_samples_keep_jpeg_bytes_reencode_strays_and_check_samples(tmp_path):
-    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as ImageFeature
 
     photo, other = smooth_noise(0, (20, 10)), smooth_noise(1, (20, 10))
     condition, small_condition = Image.new("RGB", (20, 10), (255, 255, 255)), Image.new("RGB", (10, 10))
@@ -226,7 +227,8 @@ def test_dataset_samples_keep_jpeg_bytes_reencode_strays_and_check_samples(tmp_p
 
 
 def test_shards_store_an_image_turned_by_exif_upright(tmp_path):
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display, so 30x20 shows as 20x30
@@ -271,7 +273,8 @@ def test_write_shards_refuses_mixed_fields_and_leaves_no_partial_dataset(tmp_pat
 
 
 def test_canny_conditions_trace_the_fill_circles(fill_data, tmp_path):
-    from datasets import Image as ImageFeature, load_dataset
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
 
     output_dir = str(tmp_path / "canny")
     summary = make_conditions.main(["--input_dir", fill_data["imagefolder"], "--output_dir", output_dir])

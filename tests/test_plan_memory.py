@@ -16,6 +16,7 @@ import torch
 import plan_memory as pm
 import train_t2i_adapter_sdxl as train
 from helpers import training_argv
+from t2i_train import memory
 
 MIB = 2**20
 
@@ -72,8 +73,8 @@ def test_plan_follows_the_flags(tiny_sdxl):
 
     # AdamW keeps two float32 values per parameter and a float32 step count per tensor; the modelled
     # AdamW8bit keeps bitsandbytes' sizes.
-    models, _, _ = pm.model_configs(planner_options(*common))
-    sizes = [p.numel() for p in pm.build_on_meta(*models["adapter"]).parameters()]
+    models, _, _ = memory.model_configs(planner_options(*common), train)
+    sizes = [p.numel() for p in memory.build_on_meta(*models["adapter"]).parameters()]
     assert base["weights"]["adapter"] == 4 * sum(sizes)
     assert base["optimizer_state"] == 8 * sum(sizes) + 4 * len(sizes)
     assert base["gradients"] == 4 * sum(sizes)
@@ -96,38 +97,38 @@ def test_fitting_changes_tries_single_flags_then_smaller_batches():
         cache_latents=False, random_crop=False, random_flip=False, aspect_ratio_buckets=False, streaming=False,
         conditioning_type="given",
     )
-    fitting = pm.fitting_changes(options, 9.5 * 2**30, plan)
+    fitting = memory.fitting_changes(options, 9.5 * 2**30, plan)
     assert fitting == [
         ("--gradient_checkpointing", 9 * 2**30),
         ("--gradient_checkpointing --train_batch_size 8 --gradient_accumulation_steps 4", 5 * 2**30),
     ]
-    assert pm.fitting_changes(options, 16.6 * 2**30, plan)[:2] == [
+    assert memory.fitting_changes(options, 16.6 * 2**30, plan)[:2] == [
         ("--gradient_checkpointing", 9 * 2**30), ("--use_8bit_adam", 16.5 * 2**30)
     ]
-    assert pm.fitting_changes(options, 0.5 * 2**30, plan) == []
+    assert memory.fitting_changes(options, 0.5 * 2**30, plan) == []
 
 
 def test_memory_check_message_names_the_numbers_and_the_flags():
     gib = 2**30
-    assert train.memory_check_message(10 * gib, 10 * gib, []) is None
-    message = train.memory_check_message(90.4 * gib, 79.1 * gib, [("--gradient_checkpointing", 40.2 * gib)])
+    assert memory.memory_check_message(10 * gib, 10 * gib, []) is None
+    message = memory.memory_check_message(90.4 * gib, 79.1 * gib, [("--gradient_checkpointing", 40.2 * gib)])
     assert "90.4 GiB" in message and "79.1 GiB" in message
     assert "--gradient_checkpointing (40.2 GiB)" in message and "--skip_memory_check" in message
-    assert "Nothing planned fits" in train.memory_check_message(90 * gib, 1 * gib, [])
+    assert "Nothing planned fits" in memory.memory_check_message(90 * gib, 1 * gib, [])
 
 
 def test_preflight_is_skipped_on_cpu_and_stops_a_run_that_will_not_fit(tiny_sdxl, fill_data, tmp_path, monkeypatch):
     args = train.parse_args(training_argv(tiny_sdxl, fill_data, tmp_path, "--train_batch_size", 2))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("the check ran on the CPU"))
-    assert train.check_memory_fits(args, types.SimpleNamespace(device=torch.device("cpu"))) is None
+    assert memory.check_memory_fits(args, types.SimpleNamespace(device=torch.device("cpu")), train) is None
 
-    monkeypatch.setattr(train, "logger", logging.getLogger("preflight test"))  # no accelerate state here
+    monkeypatch.setattr(memory, "logger", logging.getLogger("preflight test"))  # no accelerate state here
     # On "CUDA": a device name only, the plan itself needs no GPU; the free memory is what the driver reports.
     cuda = types.SimpleNamespace(device=torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**40, 2**40))
-    assert train.check_memory_fits(args, cuda) is None
+    assert memory.check_memory_fits(args, cuda, train) is None
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**40))
     with pytest.raises(MemoryError, match=r"planned to peak at 0\.0 GiB of GPU memory, and 0\.0 GiB are free.*Nothing planned"):
-        train.check_memory_fits(args, cuda)
+        memory.check_memory_fits(args, cuda, train)
     skipping = train.parse_args([*training_argv(tiny_sdxl, fill_data, tmp_path), "--skip_memory_check"])
-    assert train.check_memory_fits(skipping, cuda) is None
+    assert memory.check_memory_fits(skipping, cuda, train) is None

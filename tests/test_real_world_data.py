@@ -14,6 +14,7 @@ from torchvision import transforms
 
 import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv
+from t2i_train import data, images, loader
 
 
 @pytest.mark.parametrize("height,width", [(64, 96), (96, 64), (64, 64), (77, 131), (1024, 683)])
@@ -65,10 +66,10 @@ def test_time_ids_carry_the_real_size_and_crop_only_with_micro_conditioning(
 
 
 def test_validation_size_keeps_the_aspect_ratio():
-    assert train.validation_size(1024, 1024, 1024, 32) == (1024, 1024)
-    width, height = train.validation_size(2048, 1024, 1024, 32)
+    assert images.validation_size(1024, 1024, 1024, 32) == (1024, 1024)
+    width, height = images.validation_size(2048, 1024, 1024, 32)
     assert (width, height) == (1440, 736) and abs(width / height - 2) < 0.05
-    assert train.validation_size(512, 2048, 1024, 16) == (512, 2048)
+    assert images.validation_size(512, 2048, 1024, 16) == (512, 2048)
 
 
 def test_validation_with_a_non_square_image_is_not_stretched(tiny_sdxl, fill_data, tmp_path):
@@ -89,25 +90,25 @@ def test_validation_with_a_non_square_image_is_not_stretched(tiny_sdxl, fill_dat
 
 def test_buckets_follow_sdxl_list_at_1024():
     """SDXL's own buckets at 1024² (sides multiples of 64, never more pixels than 1024²)."""
-    buckets = train.aspect_ratio_buckets(1024, 32)
+    buckets = loader.aspect_ratio_buckets(1024, 32)
     for bucket in [(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (1216, 832), (768, 1344), (512, 2048)]:
         assert bucket in buckets
     assert all(h % 64 == 0 and w % 64 == 0 and h * w <= 1024**2 and h * w > 0.85 * 1024**2 for h, w in buckets)
     assert all(1 / 4 <= h / w <= 4 for h, w in buckets)
-    assert train.nearest_bucket(683, 1024, buckets) == (832, 1216)
-    assert train.nearest_bucket(1000, 1000, buckets) == (1024, 1024)
+    assert loader.nearest_bucket(683, 1024, buckets) == (832, 1216)
+    assert loader.nearest_bucket(1000, 1000, buckets) == (1024, 1024)
     # Small resolutions keep the adapter's multiple.
-    assert all(h % 32 == 0 and w % 32 == 0 for h, w in train.aspect_ratio_buckets(128, 32))
+    assert all(h % 32 == 0 and w % 32 == 0 for h, w in loader.aspect_ratio_buckets(128, 32))
 
 
 def test_planned_batches_cover_every_sample_once_each_batch_one_size():
     targets = [(64, 64)] * 10 + [(32, 128)] * 7 + [(128, 32)] * 3
-    batches = train.plan_batches(targets, 4, np.random.default_rng(0))
+    batches = loader.plan_batches(targets, 4, np.random.default_rng(0))
     positions = [p for batch in batches for p in batch]
     assert sorted(positions) == list(range(len(targets)))
     assert all(len({targets[p] for p in batch}) == 1 and 1 <= len(batch) <= 4 for batch in batches)
-    assert train.plan_batches(targets, 4, np.random.default_rng(0)) == batches
-    assert train.plan_batches(targets, 4, np.random.default_rng(1)) != batches
+    assert loader.plan_batches(targets, 4, np.random.default_rng(0)) == batches
+    assert loader.plan_batches(targets, 4, np.random.default_rng(1)) != batches
 
 
 def stored_png(image):
@@ -196,7 +197,7 @@ def test_canny_condition_is_made_from_the_final_crop(fill_data):
     edge_map = edges[0].numpy() > 0
     assert edge_map.sum() > 20 and not (edge_map & flat)[2:-2, 2:-2].any()
     assert torch.equal(transform(sample, (RESOLUTION, RESOLUTION), 3)["conditioning_pixel_values"], edges)
-    thresholds = {train.random_canny_thresholds(__import__("random").Random(seed)) for seed in range(20)}
+    thresholds = {images.random_canny_thresholds(__import__("random").Random(seed)) for seed in range(20)}
     assert len(thresholds) > 10
 
 
@@ -228,7 +229,7 @@ def test_buckets_train_each_batch_at_one_bucket_with_real_micro_conditioning(
     monkeypatch.setattr(train, "adapter_training_loss", recording_loss)
     data = mixed_aspect_folder(fill_data, tmp_path / "mixed")
     run_training(training_argv(tiny_sdxl, data, tmp_path / "out", "--max_train_steps", 8, "--aspect_ratio_buckets"))
-    assert train.aspect_ratio_buckets(RESOLUTION, 32) == [(32, 128), (64, 64), (128, 32)]
+    assert loader.aspect_ratio_buckets(RESOLUTION, 32) == [(32, 128), (64, 64), (128, 32)]
     assert {shape for shape, _ in seen} == {(64, 64), (32, 128)}
     for shape, time_ids in seen:
         for original_h, original_w, top, left, target_h, target_w in time_ids:
@@ -326,12 +327,12 @@ def streaming_args(fill_shards, world_size=1, **overrides):
 
 def test_each_process_streams_its_own_shards_in_a_new_order_each_epoch(fill_shards):
     args = streaming_args(fill_shards)
-    stream = train.load_streaming_dataset(args)
+    stream = data.load_streaming_dataset(args)
     assert stream.num_shards == 4
     keys = {}
     for epoch in (0, 1):
         for rank in (0, 1):
-            batches = train.StreamingBatches(stream, None, args, seed=0, rank=rank, world_size=2)
+            batches = loader.StreamingBatches(stream, None, args, seed=0, rank=rank, world_size=2)
             keys[epoch, rank] = [sample["__key__"] for sample in batches.epoch_stream(epoch)]
     for epoch in (0, 1):
         assert not set(keys[epoch, 0]) & set(keys[epoch, 1])
@@ -342,9 +343,9 @@ def test_each_process_streams_its_own_shards_in_a_new_order_each_epoch(fill_shar
 def test_streaming_batches_cover_the_stream_once_per_epoch(fill_shards, monkeypatch):
     """Windows of 12 over 32 samples, batch 4: every sample exactly once in the first epoch."""
     args = streaming_args(fill_shards, shuffle_buffer_size=12, train_batch_size=4)
-    batches = train.StreamingBatches(train.load_streaming_dataset(args), lambda s, target, seed: s["__key__"], args,
+    batches = loader.StreamingBatches(data.load_streaming_dataset(args), lambda s, target, seed: s["__key__"], args,
                                      seed=0)
-    monkeypatch.setattr(train, "collate_fn", list)  # the transform above gives keys: batches of keys
+    monkeypatch.setattr(loader, "collate_fn", list)  # the transform above gives keys: batches of keys
     epoch = []
     for batch in batches:
         assert 1 <= len(batch) <= 4
@@ -362,11 +363,11 @@ def test_each_dataloader_worker_streams_its_own_shards(fill_shards, monkeypatch)
 
     PartialState()  # accelerate's logger, which a worker without a share would use, needs its state
     args = streaming_args(fill_shards, shuffle_buffer_size=8, train_batch_size=4, dataloader_num_workers=2)
-    batches = train.StreamingBatches(train.load_streaming_dataset(args), lambda s, target, seed: s["__key__"], args,
+    batches = loader.StreamingBatches(data.load_streaming_dataset(args), lambda s, target, seed: s["__key__"], args,
                                      seed=0)
-    monkeypatch.setattr(train, "collate_fn", lambda keys: (torch.utils.data.get_worker_info().id, keys))
+    monkeypatch.setattr(loader, "collate_fn", lambda keys: (torch.utils.data.get_worker_info().id, keys))
     workers, epoch = set(), []
-    for worker, keys in StatefulDataLoader(batches, batch_size=None, **train.loader_options(args, 0)):
+    for worker, keys in StatefulDataLoader(batches, batch_size=None, **loader.loader_options(args, 0)):
         workers.add(worker)
         epoch += keys
         if len(epoch) >= 32:
@@ -383,7 +384,7 @@ def test_a_reader_with_nothing_to_stream_stops_instead_of_spinning(fill_shards, 
 
     PartialState()  # accelerate's logger needs its state
     args = streaming_args(fill_shards)
-    batches = train.StreamingBatches(train.load_streaming_dataset(args), None, args, seed=0)
+    batches = loader.StreamingBatches(data.load_streaming_dataset(args), None, args, seed=0)
     epochs = []
 
     def empty_epoch(epoch):
@@ -454,14 +455,14 @@ def test_an_image_turned_by_exif_is_checked_and_loaded_upright(image_format):
 
     buffer = io.BytesIO()
     exif = Image.Exif()
-    exif[train.EXIF_ORIENTATION] = 6
+    exif[images.EXIF_ORIENTATION] = 6
     Image.new("RGB", (96, 64), (200, 30, 30)).save(buffer, format=image_format, exif=exif)
     image = {"bytes": buffer.getvalue(), "path": None}
     condition = stored_png(Image.new("RGB", (64, 96)))
-    assert train.inspect_sample(image, condition, "red") == (None, (96, 64))
-    problem, _ = train.inspect_sample(image, stored_png(Image.new("RGB", (96, 64))), "red")
+    assert data.inspect_sample(image, condition, "red") == (None, (96, 64))
+    problem, _ = data.inspect_sample(image, stored_png(Image.new("RGB", (96, 64))), "red")
     assert problem.startswith("conditioning image is 96x64 but the image is 64x96: their aspect ratios differ by")
-    assert train.load_upright_rgb(image).size == (64, 96)
+    assert images.load_upright_rgb(image).size == (64, 96)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,7 +515,7 @@ def test_a_condition_stored_at_another_size_is_placed_like_its_image(target, fla
 ])
 def test_the_sample_check_refuses_only_conditions_that_cannot_be_aligned(image_size, condition_size, fits):
     image, condition = stored_png(Image.new("RGB", image_size)), stored_png(Image.new("RGB", condition_size))
-    problem, size = train.inspect_sample(image, condition, "a caption")
+    problem, size = data.inspect_sample(image, condition, "a caption")
     if fits:
         assert problem is None and size == image_size[::-1]
     else:
@@ -562,7 +563,7 @@ def test_sixteen_bit_and_float_images_are_scaled_not_clipped(mode):
         gradient = Image.fromarray(np.asarray(gradient).astype(np.float32) / 65535)
     assert gradient.mode == mode
     assert len(np.unique(np.asarray(gradient.convert("RGB")))) <= 2  # Pillow alone clips the gradient away
-    rgb = np.asarray(train.to_rgb(gradient)).astype(int)
+    rgb = np.asarray(images.to_rgb(gradient)).astype(int)
     assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 2]).all()
     assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255 and abs(rgb[0, 32, 0] - 32 * 255 / 63) <= 1
     assert (np.diff(rgb[0, :, 0]) >= 0).all()
@@ -578,7 +579,7 @@ def test_a_sixteen_bit_condition_reaches_training_as_its_gradient():
     condition = {"bytes": buffer.getvalue(), "path": None}
     assert Image.open(io.BytesIO(condition["bytes"])).mode in ("I;16", "I")
     image = stored_png(Image.new("RGB", (64, 64), (10, 20, 30)))
-    assert train.inspect_sample(image, condition, "a depth map") == (None, (64, 64))
+    assert data.inspect_sample(image, condition, "a depth map") == (None, (64, 64))
     out = pair_transform()({"image": image, "conditioning_image": condition, "text": "t"}, (64, 64), 0)
     row = out["conditioning_pixel_values"][0, 0]
     assert row[0] == 0 and row[-1] == 1
@@ -594,9 +595,9 @@ def test_a_row_without_its_condition_is_a_bad_sample(missing):
     if missing == "null":
         sample["conditioning_image"] = None
     args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"])
-    assert train.inspect_sample(*train.stored_sample(sample, args)) == ("missing conditioning image", None)
+    assert data.inspect_sample(*data.stored_sample(sample, args)) == ("missing conditioning image", None)
     args.conditioning_type = "canny"
-    assert train.inspect_sample(*train.stored_sample(sample, args)) == (None, (8, 8))
+    assert data.inspect_sample(*data.stored_sample(sample, args)) == (None, (8, 8))
 
 
 def test_a_row_with_a_null_condition_stops_the_run_or_is_skipped(tiny_sdxl, fill_data, tmp_path):

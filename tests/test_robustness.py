@@ -16,6 +16,7 @@ from accelerate import Accelerator, PartialState
 
 import train_t2i_adapter_sdxl as train
 from helpers import load_adapter_weights, max_weight_difference, run_training, training_argv
+from t2i_train import data, lifecycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_TOKEN = "hf_robustnessTOKENneverLOGGED987"
@@ -79,7 +80,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_within_seconds(tiny_sdxl, fill_dat
     assert stopped, stderr[-2000:]
     step = int(stopped.group(1))
     assert int(stopped.group(3)) == step and 2 <= step < 1000
-    assert train.list_checkpoints(output_dir)[-1] == str(output_dir / f"checkpoint-{step}")
+    assert lifecycle.list_checkpoints(output_dir)[-1] == str(output_dir / f"checkpoint-{step}")
     assert not (output_dir / "diffusion_pytorch_model.safetensors").exists()  # not a finished run
 
     # Secrets: nothing printed or written holds the token.
@@ -113,7 +114,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tiny_sdxl, f
         run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "crashed", *flags))
     monkeypatch.setattr(Accelerator, "save_state", save_state)
 
-    assert train.list_checkpoints(tmp_path / "crashed") == [str(tmp_path / "crashed" / "checkpoint-2")]
+    assert lifecycle.list_checkpoints(tmp_path / "crashed") == [str(tmp_path / "crashed" / "checkpoint-2")]
     assert (tmp_path / "crashed" / "checkpoint-2" / "optimizer.bin").stat().st_size > 4
     run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "crashed", *flags, "--resume_from_checkpoint", "latest"))
     run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "straight", *flags))
@@ -144,8 +145,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_sdxl,
     with pytest.raises(FloatingPointError, match=r"Non-finite loss \(nan\) at step 3; .*checkpoint-2"):
         run_training(training_argv(tiny_sdxl, fill_data, tmp_path, "--max_train_steps", 6, *checkpoint_flags))
     assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)] == handlers
-    assert train.list_checkpoints(tmp_path) == [str(tmp_path / "checkpoint-2")]
-    weights = load_adapter_weights(tmp_path / "checkpoint-2" / train.ADAPTER_SUBFOLDER)
+    assert lifecycle.list_checkpoints(tmp_path) == [str(tmp_path / "checkpoint-2")]
+    weights = load_adapter_weights(tmp_path / "checkpoint-2" / lifecycle.ADAPTER_SUBFOLDER)
     assert all(torch.isfinite(value).all() for value in weights.values())
     assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
 
@@ -243,26 +244,26 @@ def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sd
     args = train.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", str(folder),
                              "--cache_dir", str(tmp_path / "cache"), "--aspect_ratio_buckets", "--seed", "0"])
     PartialState()  # accelerate's logger needs its state
-    inspect_sample = train.inspect_sample
+    inspect_sample = data.inspect_sample
     opened = []
-    monkeypatch.setattr(train, "inspect_sample", lambda *sample: opened.append(sample) or inspect_sample(*sample))
+    monkeypatch.setattr(data, "inspect_sample", lambda *sample: opened.append(sample) or inspect_sample(*sample))
 
-    first, first_sizes, _ = train.load_train_dataset(args, seed=0)
+    first, first_sizes, _ = data.load_train_dataset(args, seed=0)
     assert len(opened) == 32
     assert len(list((tmp_path / "cache").rglob("t2i_sample_check-*.json"))) == 1
-    second, second_sizes, _ = train.load_train_dataset(args, seed=0)
+    second, second_sizes, _ = data.load_train_dataset(args, seed=0)
     assert len(opened) == 32
     assert list(second["text"]) == list(first["text"])
     assert second_sizes == first_sizes == [(64, 64)] * 32
 
-    monkeypatch.setattr(train, "SAMPLE_CHECK_RULES", train.SAMPLE_CHECK_RULES + 1)
-    train.load_train_dataset(args, seed=0)
+    monkeypatch.setattr(data, "SAMPLE_CHECK_RULES", data.SAMPLE_CHECK_RULES + 1)
+    data.load_train_dataset(args, seed=0)
     assert len(opened) == 64
 
     image = folder / "train" / "images" / "00003.png"
     image.write_bytes(image.read_bytes()[:60])
     with pytest.raises(ValueError, match=r"1 bad training sample\(s\).*unreadable image"):
-        train.load_train_dataset(args, seed=0)
+        data.load_train_dataset(args, seed=0)
     assert len(opened) == 96
 
 
@@ -281,11 +282,11 @@ def test_a_file_rewritten_with_its_old_time_is_checked_again(tiny_sdxl, fill_dat
     args = train.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", str(folder),
                              "--cache_dir", str(tmp_path / "cache")])
     PartialState()  # accelerate's logger needs its state
-    train.load_train_dataset(args, seed=0)
+    data.load_train_dataset(args, seed=0)
     image = folder / "train" / "images" / "00003.png"
     rewrite_keeping_times(image, image.read_bytes()[:60])
     with pytest.raises(ValueError, match=r"1 bad training sample\(s\).*unreadable image"):
-        train.load_train_dataset(args, seed=0)
+        data.load_train_dataset(args, seed=0)
 
 
 def test_a_file_that_breaks_after_its_check_stops_naming_it_or_is_skipped(tiny_sdxl, fill_data, tmp_path):
@@ -383,7 +384,7 @@ def test_two_processes_train_checkpoint_resume_and_agree(tiny_sdxl, fill_data, t
     flags = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--lr_scheduler", "constant_with_warmup",
              "--lr_warmup_steps", 8]
     straight = run_two_processes(tiny_sdxl, fill_data, tmp_path / "straight", tmp_path / "w1", *flags)
-    assert (tmp_path / "straight" / "checkpoint-4" / train.ADAPTER_SUBFOLDER / "config.json").is_file()
+    assert (tmp_path / "straight" / "checkpoint-4" / lifecycle.ADAPTER_SUBFOLDER / "config.json").is_file()
     logged = tensorboard_scalars(tmp_path / "straight" / "logs")
     assert [round(lr / 1e-3, 6) for _, lr in logged["lr"]] == [round(step / 8, 6) for step in (1, 2, 3, 4)]
     assert all(math.isfinite(loss) for _, loss in logged["loss"])

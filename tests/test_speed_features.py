@@ -10,6 +10,7 @@ from torchvision.transforms.functional import to_tensor
 
 import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv
+from t2i_train import data, lifecycle, loader
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,14 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
     from accelerate import Accelerator
 
     m = tiny_models
-    dataset = train.load_train_dataset(m["args"], seed=0)[0].select(range(4))
-    keys = train.latent_cache_keys(dataset, "image", train.vae_fingerprint(m["vae"]), RESOLUTION)
-    assert train.fill_latent_cache(dataset, keys, m["vae"], m["args"], Accelerator(cpu=True), str(tmp_path)) == 4
-    cached = [train.load_cached_latents(train.latent_cache_path(str(tmp_path), key)) for key in keys]
+    dataset = data.load_train_dataset(m["args"], seed=0)[0].select(range(4))
+    keys = loader.latent_cache_keys(dataset, "image", loader.vae_fingerprint(m["vae"]), RESOLUTION)
+    def pixels_of(image):
+        return train.to_training_pixels(train.centre_crop(image, RESOLUTION))
+
+    assert loader.fill_latent_cache(dataset, keys, m["vae"], m["args"], Accelerator(cpu=True), str(tmp_path),
+                                    pixels_of) == 4
+    cached = [loader.load_cached_latents(loader.latent_cache_path(str(tmp_path), key)) for key in keys]
     assert cached[0]["mean"].dtype == torch.float16
 
     pixels = torch.stack([train.to_training_pixels(train.centre_crop(image.convert("RGB"), RESOLUTION))
@@ -39,7 +44,7 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
     torch.manual_seed(7)
     fresh = train.encode_latents(m["vae"], pixels)
     torch.manual_seed(7)
-    from_cache = train.sample_cached_latents(torch.stack([c["mean"] for c in cached]),
+    from_cache = loader.sample_cached_latents(torch.stack([c["mean"] for c in cached]),
                                              torch.stack([c["std"] for c in cached]), m["vae"].config.scaling_factor)
     assert torch.allclose(fresh, from_cache, atol=2e-3)
 
@@ -59,13 +64,13 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
 
 def test_latent_cache_keys_follow_image_content_vae_and_resolution(tiny_models, fill_data):
     m = tiny_models
-    dataset = train.load_train_dataset(m["args"], seed=0)[0].select(range(3))
-    vae_id = train.vae_fingerprint(m["vae"])
-    keys = train.latent_cache_keys(dataset, "image", vae_id, RESOLUTION)
+    dataset = data.load_train_dataset(m["args"], seed=0)[0].select(range(3))
+    vae_id = loader.vae_fingerprint(m["vae"])
+    keys = loader.latent_cache_keys(dataset, "image", vae_id, RESOLUTION)
     assert len(set(keys)) == 3
-    assert keys == train.latent_cache_keys(dataset, "image", vae_id, RESOLUTION)
-    assert set(keys).isdisjoint(train.latent_cache_keys(dataset, "image", vae_id, 2 * RESOLUTION))
-    assert set(keys).isdisjoint(train.latent_cache_keys(dataset, "image", "another-vae", RESOLUTION))
+    assert keys == loader.latent_cache_keys(dataset, "image", vae_id, RESOLUTION)
+    assert set(keys).isdisjoint(loader.latent_cache_keys(dataset, "image", vae_id, 2 * RESOLUTION))
+    assert set(keys).isdisjoint(loader.latent_cache_keys(dataset, "image", "another-vae", RESOLUTION))
 
 
 def test_training_with_cached_latents_reuses_the_cache_and_matches_fresh_latents(tiny_sdxl, fill_data, tmp_path):
@@ -100,7 +105,7 @@ def test_torch_compile_flag_trains(tiny_sdxl, fill_data, tmp_path):
     assert all(not key.startswith("_orig_mod") for key in saved)
     from diffusers import T2IAdapter
 
-    T2IAdapter.from_pretrained(tmp_path / "checkpoint-2" / train.ADAPTER_SUBFOLDER)
+    T2IAdapter.from_pretrained(tmp_path / "checkpoint-2" / lifecycle.ADAPTER_SUBFOLDER)
 
 
 def write_imagefolder(folder, count, prefix=""):
@@ -158,17 +163,17 @@ def test_a_local_imagefolder_listed_once_loads_as_datasets_finds_it(tmp_path, la
     from datasets import load_dataset
 
     layout(tmp_path / "data")
-    files = train.local_imagefolder_files(str(tmp_path / "data"))
+    files = data.local_imagefolder_files(str(tmp_path / "data"))
     assert (sorted(files) if files else None) == expected_splits
     args = train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", str(tmp_path / "data"),
                              "--cache_dir", str(tmp_path / "a")])
-    opened = train.open_dataset(str(tmp_path / "data"), args)
+    opened = data.open_dataset(str(tmp_path / "data"), args)
     plain = load_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "b"))
     assert sorted(opened) == sorted(plain)
     for split in plain:
         assert opened[split].features == plain[split].features
         assert sorted(opened[split]["text"]) == sorted(plain[split]["text"])
-    assert train.local_imagefolder_files("stabilityai/stable-diffusion-xl-base-1.0") is None
+    assert data.local_imagefolder_files("stabilityai/stable-diffusion-xl-base-1.0") is None
 
 
 def test_cached_latents_reach_the_device_of_the_step():

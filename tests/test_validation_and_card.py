@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import train_t2i_adapter_sdxl as train
+from t2i_train import control, data, images
 
 MINIMAL = ["--pretrained_model_name_or_path", "some/model", "--dataset_name", "some/dataset"]
 TAGS = (
@@ -30,25 +31,25 @@ TAGS = (
 
 def test_pair_validation_inputs_equal_counts_pair_in_order():
     """Equal counts pair up position by position."""
-    assert train.pair_validation_inputs(["a", "b", "c"], ["1", "2", "3"]) == [("a", "1"), ("b", "2"), ("c", "3")]
-    assert train.pair_validation_inputs(["a"], ["1"]) == [("a", "1")]
+    assert images.pair_validation_inputs(["a", "b", "c"], ["1", "2", "3"]) == [("a", "1"), ("b", "2"), ("c", "3")]
+    assert images.pair_validation_inputs(["a"], ["1"]) == [("a", "1")]
 
 
 def test_pair_validation_inputs_single_image_is_shared():
     """One image serves every prompt."""
-    assert train.pair_validation_inputs(["a", "b", "c"], ["1"]) == [("a", "1"), ("b", "1"), ("c", "1")]
+    assert images.pair_validation_inputs(["a", "b", "c"], ["1"]) == [("a", "1"), ("b", "1"), ("c", "1")]
 
 
 def test_pair_validation_inputs_single_prompt_is_shared():
     """One prompt serves every image."""
-    assert train.pair_validation_inputs(["a"], ["1", "2", "3"]) == [("a", "1"), ("a", "2"), ("a", "3")]
+    assert images.pair_validation_inputs(["a"], ["1", "2", "3"]) == [("a", "1"), ("a", "2"), ("a", "3")]
 
 
 @pytest.mark.parametrize("num_prompts,num_images", [(2, 3), (3, 2), (4, 2)])
 def test_pair_validation_inputs_mismatch_is_refused(num_prompts, num_images):
     """Other combinations cannot be paired: the error names both flags and both counts."""
     with pytest.raises(ValueError) as error:
-        train.pair_validation_inputs([f"p{i}" for i in range(num_prompts)], [f"{i}.png" for i in range(num_images)])
+        images.pair_validation_inputs([f"p{i}" for i in range(num_prompts)], [f"{i}.png" for i in range(num_images)])
     message = str(error.value)
     assert "--validation_prompt" in message and "--validation_image" in message
     assert str(num_prompts) in message and str(num_images) in message
@@ -312,59 +313,59 @@ def data_args(data, *extra):
 
 
 def row_files(dataset):
-    return [row["image"]["path"] for row in train.undecoded_images(dataset, data_args({"imagefolder": "x"}))]
+    return [row["image"]["path"] for row in data.undecoded_images(dataset, data_args({"imagefolder": "x"}))]
 
 
 def test_validation_pairs_are_held_out_of_training_the_same_for_the_same_seed(fill_data, accelerate_state):
-    everything = train.load_training_data(data_args(fill_data), seed=0)
+    everything = data.load_training_data(data_args(fill_data), seed=0)
     assert everything.control_pairs is None and len(everything.dataset) == 32
-    held = train.load_training_data(data_args(fill_data, "--validation_pairs", 4), seed=0)
+    held = data.load_training_data(data_args(fill_data, "--validation_pairs", 4), seed=0)
     pairs, trained = row_files(held.control_pairs), row_files(held.dataset)
     assert len(pairs) == 4 and len(trained) == 28 and len(held.sizes) == 28
     assert not set(pairs) & set(trained) and set(pairs) | set(trained) == set(row_files(everything.dataset))
-    assert row_files(train.load_training_data(data_args(fill_data, "--validation_pairs", 4), seed=0).control_pairs) == pairs
-    assert row_files(train.load_training_data(data_args(fill_data, "--validation_pairs", 4), seed=1).control_pairs) != pairs
+    assert row_files(data.load_training_data(data_args(fill_data, "--validation_pairs", 4), seed=0).control_pairs) == pairs
+    assert row_files(data.load_training_data(data_args(fill_data, "--validation_pairs", 4), seed=1).control_pairs) != pairs
     # --max_train_samples draws from what is left after holding out.
-    capped = train.load_training_data(data_args(fill_data, "--validation_pairs", 4, "--max_train_samples", 20), seed=0)
+    capped = data.load_training_data(data_args(fill_data, "--validation_pairs", 4, "--max_train_samples", 20), seed=0)
     assert row_files(capped.control_pairs) == pairs and not set(pairs) & set(row_files(capped.dataset))
 
 
 def test_holding_out_every_sample_is_refused(fill_data, accelerate_state):
     with pytest.raises(ValueError, match="--validation_pairs. 32 would hold out the whole training set"):
-        train.load_training_data(data_args(fill_data, "--validation_pairs", 32), seed=0)
+        data.load_training_data(data_args(fill_data, "--validation_pairs", 32), seed=0)
 
 
 def test_a_validation_set_gives_its_first_pairs_and_leaves_training_whole(fill_data, tmp_path, accelerate_state):
     from make_fill_dataset import build_fill_dataset
 
     other = build_fill_dataset(tmp_path / "other", num_samples=24, resolution=64, seed=5, num_validation=0)
-    data = train.load_training_data(data_args(fill_data, "--validation_data_dir", other["imagefolder"]), seed=0)
-    assert len(data.dataset) == 32 and len(data.control_pairs) == 16  # DEFAULT_VALIDATION_PAIRS
-    assert set(row_files(data.control_pairs)) <= set(row_files(train.open_dataset(other["imagefolder"], data_args(other))["train"]))
-    data = train.load_training_data(
+    loaded = data.load_training_data(data_args(fill_data, "--validation_data_dir", other["imagefolder"]), seed=0)
+    assert len(loaded.dataset) == 32 and len(loaded.control_pairs) == 16  # DEFAULT_VALIDATION_PAIRS
+    assert set(row_files(loaded.control_pairs)) <= set(row_files(data.open_dataset(other["imagefolder"], data_args(other))["train"]))
+    loaded = data.load_training_data(
         data_args(fill_data, "--validation_data_dir", other["imagefolder"], "--validation_pairs", 6), seed=0
     )
-    assert len(data.control_pairs) == 6
+    assert len(loaded.control_pairs) == 6
     with pytest.raises(ValueError, match="has 24 sample.s. in 'train'; 30 are needed"):
-        train.load_training_data(
+        data.load_training_data(
             data_args(fill_data, "--validation_data_dir", other["imagefolder"], "--validation_pairs", 30), seed=0
         )
     with pytest.raises(ValueError, match="--conditioning_image_column. value 'condition' not found"):
-        train.load_training_data(data_args(fill_data, "--validation_data_dir", other["imagefolder"],
+        data.load_training_data(data_args(fill_data, "--validation_data_dir", other["imagefolder"],
                                            "--conditioning_image_column", "condition"), seed=0)
 
 
 def test_a_stream_takes_its_pairs_from_the_validation_set(fill_data, tmp_path, accelerate_state):
-    data = train.load_training_data(data_args(fill_data, "--streaming", "--max_train_steps", 2,
+    loaded = data.load_training_data(data_args(fill_data, "--streaming", "--max_train_steps", 2,
                                               "--validation_data_dir", fill_data["imagefolder"], "--validation_pairs", 3),
                                     seed=0)
-    assert data.sizes is None and len(data.control_pairs) == 3
+    assert loaded.sizes is None and len(loaded.control_pairs) == 3
 
 
 def test_control_pairs_are_centre_crops_whatever_the_augmentation_and_leave_the_rngs_alone(tiny_sdxl, fill_data, accelerate_state):
     plain = data_args(fill_data, "--validation_pairs", 4)
     augmented = data_args(fill_data, "--validation_pairs", 4, "--random_crop", "--random_flip")
-    rows = train.load_training_data(plain, seed=0).control_pairs
+    rows = data.load_training_data(plain, seed=0).control_pairs
     first, second = train.control_pair_batch(rows, plain), train.control_pair_batch(rows, augmented)
     assert torch.equal(first["pixel_values"], second["pixel_values"])
     assert torch.equal(first["conditioning_pixel_values"], second["conditioning_pixel_values"])
@@ -378,11 +379,11 @@ def test_control_pairs_are_centre_crops_whatever_the_augmentation_and_leave_the_
     assert all(torch.equal(a, b) for a, b in zip(pairs, again))
     assert pairs.latents.shape == (4, 4, 8, 8) and pairs.time_ids.shape == (4, 6)
     scheduler = components["noise_scheduler"]
-    score = train.conditioning_gain(components["unet"], components["adapter"], pairs, train.sigma_table(scheduler),
-                                    scheduler.config.prediction_type, torch.float32, batch_size=3)
+    loss = train.pair_loss(components["unet"], components["adapter"], train.sigma_table(scheduler),
+                           scheduler.config.prediction_type, torch.float32)
+    score = control.conditioning_gain(loss, pairs, 1000, batch_size=3)
     # The batch size bounds memory only: the noise and timesteps of each pair are the same.
-    in_one_batch = train.conditioning_gain(components["unet"], components["adapter"], pairs, train.sigma_table(scheduler),
-                                           scheduler.config.prediction_type, torch.float32, batch_size=4)
+    in_one_batch = control.conditioning_gain(loss, pairs, 1000, batch_size=4)
     assert in_one_batch["overall"] == pytest.approx(score["overall"], abs=1e-5)
     assert in_one_batch["loss_true"] == pytest.approx(score["loss_true"], rel=1e-5)
     assert score["pairs"] == 4 and list(score["ranges"]) == ["0-250", "250-500", "500-750", "750-1000"]

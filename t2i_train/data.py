@@ -1,0 +1,369 @@
+"""Opening the training data (imagefolder, Hub, parquet, stream), checking every sample before it is
+trained on, and the pairs held out for the conditioning gain.
+
+One path for every mode. The training split is loaded whole or streamed, and every sample is checked
+before it is trained on (or read back from the record of an earlier check of the same files)."""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import typing
+
+import numpy as np
+from accelerate.logging import get_logger
+from PIL import Image
+
+from .images import open_stored_image, verified_upright_size
+
+logger = get_logger(__name__)
+
+SAMPLE_CHECK_RULES = 2  # part of each sample-check record's key: raise it when inspect_sample's rules change
+CONDITION_MADE_ON_THE_FLY = "made on the fly"  # a sample's condition with --conditioning_type canny
+CONDITION_STRETCH_TOLERANCE = 0.01  # a condition stored at another size may be this much out of proportion
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+SPLIT_FOLDERS = ("train", "test", "validation")  # a local folder's split folders that `datasets` names alike
+# A split's name as `datasets` finds it in a file's path; a folder with one elsewhere is left to `datasets`.
+SPLIT_WORD = re.compile(r"(^|[-._ /])(train|training|test|testing|eval|evaluation|valid|validation|dev)([-._ /0-9]|$)")
+DEFAULT_VALIDATION_PAIRS = 16  # conditioning-gain pairs taken from a validation set unless told otherwise
+
+
+def validation_set_location(args):
+    """(flag, location) of the separate validation set, or None."""
+    if args.validation_dataset_name:
+        return "--validation_dataset_name", args.validation_dataset_name
+    if args.validation_data_dir:
+        return "--validation_data_dir", args.validation_data_dir
+    return None
+
+
+def dataset_location(args):
+    """(flag, location) of the training data."""
+    if args.dataset_name:
+        return "--dataset_name", args.dataset_name
+    return "--train_data_dir", args.train_data_dir
+
+
+def used_columns(args):
+    """The dataset columns training reads: no conditioning column when conditions are made on the fly."""
+    flags = ["image_column", "caption_column"]
+    if args.conditioning_type == "image":
+        flags.insert(1, "conditioning_image_column")
+    return {flag: getattr(args, flag) for flag in flags}
+
+
+def undecoded_images(dataset, args):
+    """The dataset with its image columns left as stored (bytes or a path): decoded only where a
+    sample is transformed, and small enough to hold a shuffle window of them."""
+    from datasets import Image as ImageFeature
+
+    if dataset.features is None:  # a stream whose features are unknown decodes nothing itself
+        return dataset
+    for flag, column in used_columns(args).items():
+        if flag != "caption_column":
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset
+
+
+def check_columns(column_names, args):
+    for flag, column in used_columns(args).items():
+        if column not in column_names:
+            raise ValueError(f"`--{flag}` value {column!r} not found in dataset columns: {', '.join(column_names)}.")
+
+
+def local_imagefolder_files(location):
+    """{split: files} of a local imagefolder (images and a metadata.jsonl or .csv), listed once, where
+    the layout leaves no doubt about the splits: split folders (train/, test/, validation/) at the
+    top, or no split named anywhere (all of it is 'train'). None for anything else (a Hub id,
+    parquet, shards, a folder that names its splits otherwise): `datasets` then resolves it itself.
+
+    Given the files, `datasets` skips its own search, which globs some 45 split patterns, each over
+    the whole folder: an imagefolder of 4,096 images opens in 1.7 s instead of 4.8 s with split
+    folders, 1.3 s instead of 6.6 s without (scripts/benchmark_dataset_open.py), and the gap grows
+    with the data. Hidden files and folders ('.', '__') are left out, as `datasets` leaves them out.
+    """
+    if not os.path.isdir(location):
+        return None
+    files = []
+    for folder, subfolders, names in os.walk(location):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith((".", "__")))
+        relative = os.path.relpath(folder, location)
+        files += [os.path.normpath(os.path.join(relative, name)) for name in sorted(names)
+                  if not name.startswith((".", "__"))]
+    names = [os.path.basename(path) for path in files]
+    image_suffixes = Image.registered_extensions()
+    if not any(name in IMAGEFOLDER_METADATA for name in names) or not all(
+        name in IMAGEFOLDER_METADATA or os.path.splitext(name)[1].lower() in image_suffixes for name in names
+    ):
+        return None
+    split_of = {path: path.split(os.sep)[0] for path in files if os.sep in path}
+    if len(split_of) == len(files) and set(split_of.values()) <= set(SPLIT_FOLDERS):
+        if not any(SPLIT_WORD.search(path.split(os.sep, 1)[1].lower()) for path in files):
+            return {split: [os.path.join(location, path) for path in files if split_of[path] == split]
+                    for split in sorted(set(split_of.values()))}
+    if not any(SPLIT_WORD.search(path.lower()) for path in files):
+        return {"train": [os.path.join(location, path) for path in files]}
+    return None
+
+
+def open_dataset(location, args, **options):
+    """`datasets.load_dataset` on the training data; a local imagefolder by its listed files."""
+    from datasets import load_dataset
+
+    files = local_imagefolder_files(location)
+    if files is None:
+        return load_dataset(location, args.dataset_config_name, cache_dir=args.cache_dir, **options)
+    return load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir, **options)
+
+
+def condition_stretch(image_size, condition_size):
+    """How much resizing a condition to its image's size stretches one axis against the other: the
+    larger aspect ratio over the smaller, minus 1 (0 when the sizes are proportional)."""
+    (width, height), (condition_width, condition_height) = image_size, condition_size
+    ratio = width * condition_height / (height * condition_width)
+    return max(ratio, 1 / ratio) - 1
+
+
+def condition_fits(image_size, condition_size):
+    """Whether a condition stored at another size than its image can be aligned with it: their
+    sizes must be proportional up to 1 % plus one pixel of the condition's rounding. Depth maps at
+    half size and edge maps at full size both fit; a square condition for a 3:2 image does not."""
+    tolerance = CONDITION_STRETCH_TOLERANCE + 1 / min(condition_size)
+    return condition_stretch(image_size, condition_size) <= tolerance
+
+
+def inspect_sample(image, conditioning_image, caption):
+    """(problem, (height, width)) of a stored sample: why it cannot be trained on (None when it
+    can) and the image's size. Reads image headers and checks their data without decoding the
+    pixels. `conditioning_image` is CONDITION_MADE_ON_THE_FLY with --conditioning_type canny."""
+    sizes = []
+    stored = [("image", image)]
+    if conditioning_image is not CONDITION_MADE_ON_THE_FLY:
+        stored.append(("conditioning image", conditioning_image))
+    for name, value in stored:
+        if value is None:
+            return f"missing {name}", None
+        try:
+            with open_stored_image(value) as opened:
+                sizes.append(verified_upright_size(opened))
+        except Exception as error:
+            return f"unreadable {name} ({error})", None
+    (width, height), *condition_size = sizes
+    if condition_size and not condition_fits((width, height), condition_size[0]):
+        other_width, other_height = condition_size[0]
+        return (
+            f"conditioning image is {other_width}x{other_height} but the image is {width}x{height}: their aspect"
+            f" ratios differ by {condition_stretch((width, height), condition_size[0]):.0%}, so the condition cannot"
+            " be aligned with the image"
+        ), None
+    if caption is None or not isinstance(caption, (str, list)) or (isinstance(caption, list) and not caption):
+        return f"missing caption ({caption!r})", None
+    return None, (height, width)
+
+
+def stored_sample(sample, args):
+    """(image, conditioning image, caption) of an undecoded sample; None for what it lacks."""
+    if args.conditioning_type == "image":
+        condition = sample.get(args.conditioning_image_column)
+    else:
+        condition = CONDITION_MADE_ON_THE_FLY
+    return sample.get(args.image_column), condition, sample.get(args.caption_column)
+
+
+def scan_samples(dataset, args):
+    """(bad, sizes): (row, problem) for every sample that cannot be trained on, and every good
+    row's image (height, width)."""
+    from datasets import Image as ImageFeature
+
+    columns = used_columns(args)
+    for flag, column in columns.items():
+        if flag != "caption_column" and not isinstance(dataset.features[column], ImageFeature):
+            raise ValueError(
+                f"`--{flag}` column {column!r} holds {dataset.features[column]}, not images."
+                " (An imagefolder's metadata.jsonl must name it with the '_file_name' suffix.)"
+            )
+    caption_feature = dataset.features[args.caption_column]
+    caption_type = getattr(caption_feature, "dtype", None) or getattr(getattr(caption_feature, "feature", None), "dtype", None)
+    if caption_type not in ("string", "large_string"):
+        raise ValueError(f"`--caption_column` column {args.caption_column!r} holds {caption_feature}, not text.")
+    stored = undecoded_images(dataset.select_columns(list(columns.values())), args)
+    bad, sizes = [], []
+    for row, sample in enumerate(stored):
+        problem, size = inspect_sample(*stored_sample(sample, args))
+        if problem is None:
+            sizes.append(size)
+        else:
+            bad.append((row, problem))
+    return bad, sizes
+
+
+def image_file_sizes(dataset, args):
+    """(path, size) of every image file the dataset refers to by path in the columns training reads
+    (an imagefolder's images), read from the table without touching any stored image bytes."""
+    from datasets import Image as ImageFeature
+
+    sizes = []
+    for column in used_columns(args).values():
+        if not isinstance(dataset.features[column], ImageFeature):  # captions; text where images belong (refused)
+            continue
+        for chunk in dataset.data.column(column).chunks:
+            by_path = chunk.field("bytes").is_null().to_pylist()
+            for path, referenced in zip(chunk.field("path").to_pylist(), by_path):
+                if referenced and path:
+                    sizes.append((path, os.path.getsize(path) if os.path.exists(path) else None))
+    return sizes
+
+
+def sample_check_record_path(dataset, args):
+    """Where the sample check of this dataset is recorded: beside `datasets`' own cache of it, under
+    its fingerprint (which changes when a file's modification time changes, or a file is added or
+    removed), the sizes of the image files it refers to (a file rewritten with its old modification
+    time, by `cp -p` or `rsync -a`, mostly changes size), the columns checked and the rules they were
+    checked by. None for a dataset held only in memory."""
+    if not dataset.cache_files:
+        return None
+    identity = [dataset._fingerprint, image_file_sizes(dataset, args), used_columns(args), SAMPLE_CHECK_RULES]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    return os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"t2i_sample_check-{key}.json")
+
+
+def recorded_scan_samples(dataset, args):
+    """`scan_samples`, read back from the record of an earlier run on the same files when there is one.
+    A check opens every image; at 50 k pairs of megabyte PNGs that is minutes on every restart."""
+    record_path = sample_check_record_path(dataset, args)
+    if record_path is not None and os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        logger.info(f"Read the sample check of {len(dataset)} samples from {record_path}.", main_process_only=False)
+        return [tuple(entry) for entry in record["bad"]], [tuple(size) for size in record["sizes"]]
+    bad, sizes = scan_samples(dataset, args)
+    logger.info(f"Checked all {len(dataset)} samples: {len(bad)} bad.", main_process_only=False)
+    if record_path is not None:
+        tmp_path = f"{record_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp_path, "w") as f:
+                json.dump({"bad": bad, "sizes": sizes}, f)
+            os.replace(tmp_path, record_path)  # ranks writing at once each replace it whole
+        except OSError as error:  # a read-only shared cache: check again next time
+            logger.warning(f"Could not record the sample check in {record_path}: {error}")
+    return bad, sizes
+
+
+def drop_or_refuse_bad_samples(dataset, args, check_samples=recorded_scan_samples, kind="training"):
+    """(dataset, sizes): check every sample before training (or read an earlier run's check of the
+    same files), then stop with the rows at fault, or drop them with --skip_bad_samples."""
+    bad, sizes = check_samples(dataset, args)
+    if bad:
+        listing = "; ".join(f"row {row}: {problem}" for row, problem in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        columns = "columns " + ", ".join(map(repr, used_columns(args).values()))
+        if not args.skip_bad_samples:
+            raise ValueError(
+                f"{len(bad)} bad {kind} sample(s) in {columns}: {listing}{more}. Fix them, or pass --skip_bad_samples."
+            )
+        logger.warning(f"Skipping {len(bad)} of {len(dataset)} {kind} samples: {listing}{more}.")
+        bad_rows = {row for row, _ in bad}
+        dataset = dataset.select([row for row in range(len(dataset)) if row not in bad_rows])
+        if len(dataset) == 0:
+            raise ValueError(f"Every {kind} sample is bad; none is left.")
+    return dataset, sizes
+
+
+class TrainingData(typing.NamedTuple):
+    dataset: typing.Any  # the training split, loaded whole or (--streaming) a stream
+    sizes: typing.Optional[list]  # each row's image (height, width); None for a stream
+    control_pairs: typing.Any = None  # the rows validation measures the conditioning gain on, or None
+
+
+def hold_out_pairs(dataset, sizes, count, seed):
+    """(training rows, their sizes, held-out rows): `count` rows drawn from `seed` are left out of training."""
+    if count >= len(dataset):
+        raise ValueError(
+            f"`--validation_pairs` {count} would hold out the whole training set ({len(dataset)} samples)."
+        )
+    held_out = set(np.random.default_rng([seed, 1]).permutation(len(dataset))[:count].tolist())
+    kept = [row for row in range(len(dataset)) if row not in held_out]
+    return dataset.select(kept), [sizes[row] for row in kept], dataset.select(sorted(held_out))
+
+
+def load_train_dataset(args, seed, check_samples=recorded_scan_samples):
+    """TrainingData: the checked training split, each row's image (height, width), and the rows held
+    out for the conditioning gain (--validation_pairs without a validation set).
+
+    Bad samples stop the run or are dropped (--skip_bad_samples); --max_train_samples keeps the
+    first N rows of a shuffle drawn from `seed`, as upstream does.
+    """
+    flag, location = dataset_location(args)
+    try:
+        dataset = open_dataset(location, args)
+    except Exception as error:
+        raise ValueError(f"`{flag}` {location!r} could not be loaded as a dataset (is it empty?): {error}") from error
+    if "train" not in dataset:
+        raise ValueError(f"The dataset has no 'train' split; it has: {', '.join(dataset)}.")
+    train = dataset["train"]
+    check_columns(train.column_names, args)
+    if len(train) == 0:
+        raise ValueError("The training dataset is empty.")
+    train, sizes = drop_or_refuse_bad_samples(train, args, check_samples)
+    held_out = None
+    if args.validation_pairs and validation_set_location(args) is None:
+        train, sizes, held_out = hold_out_pairs(train, sizes, args.validation_pairs, seed)
+    if args.max_train_samples is not None:
+        if args.max_train_samples > len(train):
+            raise ValueError(
+                f"`--max_train_samples` {args.max_train_samples} is larger than the dataset ({len(train)} samples)."
+            )
+        rows = np.random.default_rng(seed).permutation(len(train))[: args.max_train_samples].tolist()
+        train, sizes = train.select(rows), [sizes[row] for row in rows]
+    return TrainingData(train, sizes, held_out)
+
+
+def load_validation_set(args, check_samples=recorded_scan_samples):
+    """The first --validation_pairs rows (default up to DEFAULT_VALIDATION_PAIRS) of the validation
+    set, checked like training samples."""
+    flag, location = validation_set_location(args)
+    try:
+        splits = open_dataset(location, argparse.Namespace(**{**vars(args), "dataset_config_name": None}))
+    except Exception as error:
+        raise ValueError(f"`{flag}` {location!r} could not be loaded as a dataset: {error}") from error
+    split = next((name for name in ("validation", "train") if name in splits), next(iter(splits)))
+    pairs = splits[split]
+    check_columns(pairs.column_names, args)
+    count = args.validation_pairs or min(len(pairs), DEFAULT_VALIDATION_PAIRS)
+    if not 2 <= count <= len(pairs):
+        raise ValueError(f"`{flag}` {location!r} has {len(pairs)} sample(s) in '{split}'; {max(count, 2)} are needed.")
+    pairs, _ = drop_or_refuse_bad_samples(pairs.select(range(count)), args, check_samples, kind="validation")
+    logger.info(f"The conditioning gain is measured on {len(pairs)} pairs of {location} ('{split}').")
+    return pairs
+
+
+def load_streaming_dataset(args):
+    """The training split as a `datasets` IterableDataset (--streaming): nothing is downloaded or
+    read ahead. Image columns stay undecoded (bytes) until a sample is transformed, so a shuffle
+    window holds compressed images only."""
+    flag, location = dataset_location(args)
+    try:
+        stream = open_dataset(location, args, split="train", streaming=True)
+    except Exception as error:
+        raise ValueError(f"`{flag}` {location!r} could not be streamed as a dataset: {error}") from error
+    column_names = stream.column_names or list(next(iter(stream.take(1)), {}))
+    if not column_names:
+        raise ValueError(f"`{flag}` {location!r} holds no training samples.")
+    check_columns(column_names, args)
+    stream = stream.select_columns(list(used_columns(args).values()) + (["__key__"] if "__key__" in column_names else []))
+    return undecoded_images(stream, args)
+
+
+def load_training_data(args, seed, check_samples=recorded_scan_samples):
+    """TrainingData: the dataset loaded whole, or a stream with --streaming, and the pairs of the
+    conditioning gain, from the validation set or held out of the training data."""
+    if args.streaming:
+        data = TrainingData(load_streaming_dataset(args), None)
+    else:
+        data = load_train_dataset(args, seed, check_samples)
+    if validation_set_location(args) is not None:
+        data = data._replace(control_pairs=load_validation_set(args, check_samples))
+    elif data.control_pairs is not None:
+        logger.info(f"The conditioning gain is measured on {len(data.control_pairs)} pairs held out of training.")
+    return data

@@ -1,0 +1,373 @@
+"""The training loader: aspect-ratio buckets, batches planned ahead from the run's seed (each sample
+with a seed of its own), the sampler and the stream, the DataLoader and its state, and the latent cache.
+
+The loader's position is saved in every checkpoint (torchdata's StatefulDataLoader carries it through
+the DataLoader workers): a resumed run continues exactly where it stopped."""
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+from .data import inspect_sample, stored_sample, undecoded_images
+from .images import load_upright_rgb
+
+logger = get_logger(__name__)
+
+LATENT_CACHE_VERSION = "1"  # part of each cached latent's key: bump when the centre crop's pixels change
+
+
+def aspect_ratio_buckets(resolution, multiple, max_aspect_ratio=4.0):
+    """SDXL's bucket list scaled to `resolution`: for each short side, the longest long side that
+    keeps the area within resolution² (so no bucket costs more memory than the square), in both
+    orientations; sides are multiples of the step (64 at 1024², as SDXL's own list; at least the
+    adapter's downscale `multiple`), aspect ratios from 1:4 to 4:1."""
+    step = max(multiple, resolution // 16 // multiple * multiple)
+    buckets = set()
+    for short in range(step, resolution + 1, step):
+        long = resolution * resolution // short // step * step
+        if long / short <= max_aspect_ratio:
+            buckets.update({(short, long), (long, short)})
+    return sorted(buckets)
+
+
+def nearest_bucket(height, width, buckets):
+    """The bucket whose aspect ratio is closest to the image's (compared in log space)."""
+    ratio = math.log(height / width)
+    return min(buckets, key=lambda bucket: abs(math.log(bucket[0] / bucket[1]) - ratio))
+
+
+def plan_batches(targets, batch_size, rng):
+    """Batches of positions into `targets` (each position's target size), in `rng`'s random order,
+    each batch of one target size; a bucket's last batch may be smaller."""
+    by_target = {}
+    for position in rng.permutation(len(targets)).tolist():
+        by_target.setdefault(tuple(targets[position]), []).append(position)
+    batches = [
+        positions[start : start + batch_size]
+        for positions in by_target.values()
+        for start in range(0, len(positions), batch_size)
+    ]
+    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+
+
+def collate_fn(examples):
+    """Stack the tensors of a batch; keep the captions as a list. Samples skipped mid-training (None)
+    are left out; a batch needs one left, since every process must take each step."""
+    examples = [example for example in examples if example is not None]
+    if not examples:
+        raise ValueError("Every sample of a batch failed mid-training (see the warnings above).")
+    return {
+        key: [e[key] for e in examples] if key == "captions" else torch.stack([e[key] for e in examples]).float()
+        for key in examples[0]
+    }
+
+
+def default_latent_cache_dir(args):
+    if args.latent_cache_dir is not None:
+        return args.latent_cache_dir
+    base = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "t2i-adapter-sdxl")
+    return os.path.join(base, "latents")
+
+
+def vae_fingerprint(vae):
+    """A digest of the VAE's config and weights: cached latents are only valid for this VAE."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stored_image_bytes(value):
+    if value.get("bytes") is not None:
+        return value["bytes"]
+    with open(value["path"], "rb") as f:
+        return f.read()
+
+
+def latent_cache_keys(dataset, image_column, vae_id, resolution):
+    """One key per row: the image's stored bytes, the VAE and the resolution."""
+    from datasets import Image as ImageFeature
+
+    stored = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+    keys = []
+    for sample in stored:
+        digest = hashlib.sha256(stored_image_bytes(sample[image_column]))
+        digest.update(f"|{vae_id}|{resolution}|{LATENT_CACHE_VERSION}".encode())
+        keys.append(digest.hexdigest())
+    return keys
+
+
+def latent_cache_path(cache_dir, key):
+    return os.path.join(cache_dir, key[:2], f"{key}.safetensors")
+
+
+def load_cached_latents(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+@torch.no_grad()
+def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_of):
+    """Encode every image whose latent distribution is not cached yet (each process its share), as
+    `pixels_of(image)` makes it the VAE's input (the trainer's centre crop), stored as float16 mean and
+    std. Returns how many this process encoded."""
+    from safetensors.torch import save_file
+
+    missing = [
+        row
+        for row, key in enumerate(keys)
+        if row % accelerator.num_processes == accelerator.process_index
+        and not os.path.exists(latent_cache_path(cache_dir, key))
+    ]
+    images = undecoded_images(dataset.select_columns([args.image_column]), args)
+    progress = tqdm(total=len(missing), desc="Caching latents", disable=not accelerator.is_local_main_process)
+    for start in range(0, len(missing), 8):
+        rows = missing[start : start + 8]
+        pixels = torch.stack([
+            pixels_of(load_upright_rgb(images[row][args.image_column]))
+            for row in rows
+        ])
+        distribution = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
+        for row, mean, std in zip(rows, distribution.mean, distribution.std):
+            path = latent_cache_path(cache_dir, keys[row])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp_path = f"{path}.{os.getpid()}.tmp"
+            save_file({"mean": mean.half().cpu().contiguous(), "std": std.half().cpu().contiguous()}, tmp_path)
+            os.replace(tmp_path, path)  # readers never see a partial file
+        progress.update(len(rows))
+    progress.close()
+    accelerator.wait_for_everyone()
+    return len(missing)
+
+
+def cache_latents(dataset, vae, args, accelerator, pixels_of):
+    """Fill the latent cache for `dataset` and return each row's latent file."""
+    cache_dir = default_latent_cache_dir(args)
+    keys = latent_cache_keys(dataset, args.image_column, vae_fingerprint(vae), args.resolution)
+    encoded = fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_of)
+    logger.info(f"Latent cache {cache_dir}: {len(keys)} images, {encoded} newly encoded on this process.")
+    return [latent_cache_path(cache_dir, key) for key in keys]
+
+
+def sample_cached_latents(mean, std, scaling_factor):
+    """What `vae.encode(x).latent_dist.sample() * scaling_factor` gives, from the cached distribution."""
+    mean, std = mean.float().contiguous(), std.float()
+    return (mean + std * torch.randn_like(mean)) * scaling_factor
+
+
+class PlannedBatchSampler:
+    """Endless batches of (row, target size, seed) over a map-style dataset: each epoch a new
+    permutation from (seed, epoch), batches grouped by target size, every process its share. Its
+    state (epoch, batches done) is saved with each checkpoint."""
+
+    def __init__(self, targets, batch_size, seed, rank=0, world_size=1):
+        self.targets, self.batch_size, self.seed = targets, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.done = 0, 0
+
+    def epoch_plan(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = plan_batches(self.targets, self.batch_size, rng)
+        sample_seeds = rng.integers(2**63, size=len(self.targets)).tolist()
+        # Equal shares: every process must take the same number of steps.
+        batches = batches[: len(batches) // self.world_size * self.world_size][self.rank :: self.world_size]
+        return [[(row, tuple(self.targets[row]), sample_seeds[row]) for row in batch] for batch in batches]
+
+    def batches_per_epoch(self):
+        return len(self.epoch_plan(0))
+
+    def __iter__(self):
+        while True:
+            plan = self.epoch_plan(self.epoch)
+            while self.done < len(plan):
+                self.done += 1
+                yield plan[self.done - 1]
+            self.epoch, self.done = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "done": self.done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.done = state["epoch"], state["done"]
+
+
+class PlannedPairs(torch.utils.data.Dataset):
+    """A map-style dataset indexed by the sampler's (row, target size, seed); with the latent cache,
+    each row's cached latent distribution is read from `latent_files[row]`.
+
+    Every sample passed the sample check, but a file can change after it (and its record). A sample
+    that then fails stops the run naming the file and the record to delete, or with
+    `skip_bad_samples` is left out of its batch (None, which `collate_fn` drops) with a warning."""
+
+    def __init__(self, dataset, transform, latent_files=None, skip_bad_samples=False):
+        self.dataset, self.transform, self.latent_files = dataset, transform, latent_files
+        self.skip_bad_samples = skip_bad_samples
+
+    def __getitem__(self, key):
+        row, target_size, seed = key
+        sample = self.dataset[row]
+        try:
+            cached = None if self.latent_files is None else load_cached_latents(self.latent_files[row])
+            return self.transform(sample, target_size, seed, cached)
+        except Exception as error:
+            files = [value["path"] for value in sample.values() if isinstance(value, dict) and value.get("path")]
+            records = os.path.dirname(self.dataset.cache_files[0]["filename"]) if self.dataset.cache_files else None
+            message = (
+                f"Training sample at row {row} ({', '.join(files) or 'stored in the dataset'}) failed mid-training:"
+                f" {type(error).__name__}: {error}. It passed the sample check, so a file changed since: fix it"
+                + (f" and delete the check's record (t2i_sample_check-*.json in {records})," if records else ",")
+                + " then start again; or pass --skip_bad_samples."
+            )
+            if not self.skip_bad_samples:
+                raise ValueError(message) from error
+            logger.warning(message.replace("; or pass --skip_bad_samples.", ". Skipped."), main_process_only=False)
+            return None
+
+
+class StreamingBatches(torch.utils.data.IterableDataset):
+    """Endless batches from a `datasets` IterableDataset (--streaming).
+
+    Each epoch reads the shards in a new order (from the seed and epoch), each process its own
+    shards (datasets' split_dataset_by_node) and each DataLoader worker its own part of those.
+    Samples are taken in windows of --shuffle_buffer_size, checked, shuffled and grouped by
+    bucket. The state is the stream's position at the start of the current window plus the
+    batches already given from it: a resumed run re-reads that one window and continues exactly
+    (datasets' own shuffle buffer is not saved in its state_dict, so it is not used).
+    """
+
+    def __init__(self, stream, transform, args, seed, rank=0, world_size=1, buckets=None):
+        self.stream, self.transform, self.args, self.seed = stream, transform, args, seed
+        self.rank, self.world_size, self.buckets = rank, world_size, buckets
+        self.state = {"epoch": 0, "window": 0, "stream": None, "done": 0}
+
+    def epoch_stream(self, epoch):
+        from datasets import concatenate_datasets
+        from datasets.distributed import split_dataset_by_node
+
+        num_shards = self.stream.num_shards
+        order = np.random.default_rng([self.seed, epoch]).permutation(num_shards).tolist()
+        stream = concatenate_datasets([self.stream.shard(num_shards, index) for index in order])
+        return split_dataset_by_node(stream, self.rank, self.world_size)
+
+    def window_batches(self, window, rng):
+        """Check the window's samples, then plan its batches: (sample, target size, seed) lists."""
+        good, targets = [], []
+        for sample in window:
+            problem, size = inspect_sample(*stored_sample(sample, self.args))
+            if problem is not None:
+                name = sample.get("__key__", "?")
+                if not self.args.skip_bad_samples:
+                    raise ValueError(f"Bad training sample {name!r}: {problem}. Fix it, or pass --skip_bad_samples.")
+                logger.warning(f"Skipping training sample {name!r}: {problem}.")
+                continue
+            good.append(sample)
+            resolution = self.args.resolution
+            targets.append(nearest_bucket(*size, self.buckets) if self.buckets else (resolution, resolution))
+        seeds = rng.integers(2**63, size=len(good)).tolist()
+        return [
+            [(good[i], targets[i], seeds[i]) for i in batch]
+            for batch in plan_batches(targets, self.args.train_batch_size, rng)
+        ]
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        state = dict(self.state)
+        while True:
+            stream = self.epoch_stream(state["epoch"])
+            if state["stream"] is not None:
+                stream.load_state_dict(state["stream"])
+            samples = iter(stream)
+            while True:
+                window = list(itertools.islice(samples, self.args.shuffle_buffer_size))
+                if not window:
+                    if state["window"] == 0 and state["stream"] is None:  # a whole epoch gave this reader nothing
+                        self.nothing_to_read(worker)
+                        return
+                    break
+                rng = np.random.default_rng([self.seed, state["epoch"], self.rank, worker_id, state["window"]])
+                for done, batch in enumerate(self.window_batches(window, rng), start=1):
+                    if done > state["done"]:  # the others were given before the checkpoint resumed from
+                        self.state = {**state, "done": done}
+                        yield collate_fn([self.transform(sample, target, seed) for sample, target, seed in batch])
+                state = {**state, "window": state["window"] + 1, "stream": stream.state_dict(), "done": 0}
+            state = {"epoch": state["epoch"] + 1, "window": 0, "stream": None, "done": 0}
+
+    def state_dict(self):
+        return copy.deepcopy(self.state)
+
+    def load_state_dict(self, state):
+        self.state = copy.deepcopy(state)
+
+    def nothing_to_read(self, worker):
+        """A DataLoader worker with no share of the stream (more workers than this process's shards)
+        stops, as `datasets` stops it, and the other workers go on; a process with nothing to read
+        is an error. Looping to the next epoch instead would spin for ever and hang the loader."""
+        if worker is not None and worker.num_workers > 1:
+            logger.warning(f"DataLoader worker {worker.id} of process {self.rank} has no shard of the stream to read;"
+                           " it stops (use fewer --dataloader_num_workers, or more shards).", main_process_only=False)
+            return
+        raise ValueError(f"Process {self.rank} of {self.world_size} has no sample of the stream to read: the stream"
+                         " has fewer samples than processes.")
+
+
+def leave_stop_signals_to_the_main_process(worker_id):
+    """DataLoader workers ignore SIGTERM and SIGINT. A cluster's preemption (scancel, pod eviction) and
+    Ctrl-C signal the whole process group; a worker that died of it would end the run before the main
+    process saves its checkpoint. The main process stops the workers when it exits."""
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
+def loader_options(args, seed):
+    """DataLoader settings: workers that leave stop signals to the main process, pinned memory on CUDA,
+    and a generator of its own, so that creating an iterator never draws from the global torch RNG (a
+    resumed run, which creates its iterator at another moment, would otherwise draw other noise than
+    the uninterrupted run)."""
+    return {
+        "num_workers": args.dataloader_num_workers,
+        "persistent_workers": args.dataloader_num_workers > 0,
+        "worker_init_fn": leave_stop_signals_to_the_main_process,
+        "pin_memory": torch.cuda.is_available(),
+        "generator": torch.Generator().manual_seed(seed),
+    }
+
+
+def make_train_dataloader(train_data, transform, args, seed, rank, world_size, multiple, latent_files=None):
+    """The training loader, for a map-style dataset or a stream: a StatefulDataLoader over planned
+    batches. Every process builds its own share (it is not passed to accelerate.prepare), and its
+    state goes into each checkpoint.
+
+    `train_data` is what `load_training_data` returns; `multiple` is the adapter's total downscale
+    (bucket sides are multiples of it). Returns (loader, batches per epoch on this process, or None
+    for a stream).
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dataset, sizes = train_data.dataset, train_data.sizes
+    buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
+    if sizes is None:  # a stream; it yields whole batches
+        batches = StreamingBatches(dataset, transform, args, seed, rank, world_size, buckets)
+        return StatefulDataLoader(batches, batch_size=None, **loader_options(args, seed)), None
+    if buckets:
+        targets = [nearest_bucket(*size, buckets) for size in sizes]
+    else:
+        targets = [(args.resolution, args.resolution)] * len(sizes)
+    sampler = PlannedBatchSampler(targets, args.train_batch_size, seed, rank, world_size)
+    batches_per_epoch = sampler.batches_per_epoch()
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(sizes)} samples make no batch for each of the {world_size} processes.")
+    pairs = PlannedPairs(undecoded_images(dataset, args), transform, latent_files, args.skip_bad_samples)
+    loader = StatefulDataLoader(pairs, batch_sampler=sampler, collate_fn=collate_fn, **loader_options(args, seed))
+    return loader, batches_per_epoch
