@@ -14,7 +14,8 @@ definition. Every step is a module-level function so that tests can import it.
 import argparse
 import contextlib
 import copy
-import json
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -26,13 +27,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLAdapterPipeline,
+    T2IAdapter,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image
 from torchvision import transforms
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 try:  # the machinery behind the training story, in the package beside this script
     from t2i_train import configs, control, data, images, lifecycle, loader, memory
@@ -455,14 +467,11 @@ def check_args(args):
         raise ValueError("`--streaming` needs `--max_train_steps`: a stream's length is not known in advance.")
     if args.streaming and args.max_train_samples is not None:
         raise ValueError("`--max_train_samples` cannot be used with `--streaming`; bound the run with `--max_train_steps`.")
-    if args.cache_latents:
-        varying = [f"--{flag}" for flag in ("streaming", "random_crop", "random_flip", "aspect_ratio_buckets")
-                   if getattr(args, flag)]
-        varying += ["--conditioning_type canny"] if args.conditioning_type == "canny" else []
-        if varying:
-            raise ValueError(
-                f"`--cache_latents` stores one centre crop per image and cannot be combined with {', '.join(varying)}."
-            )
+    if args.cache_latents and loader.latent_cache_conflicts(args):
+        raise ValueError(
+            "`--cache_latents` stores one centre crop per image and cannot be combined with"
+            f" {', '.join(loader.latent_cache_conflicts(args))}."
+        )
     if args.validation_data_dir is not None and args.validation_dataset_name is not None:
         raise ValueError("Specify only one of `--validation_data_dir` or `--validation_dataset_name`.")
     if args.validation_pairs is not None and args.validation_pairs < 2:
@@ -512,8 +521,6 @@ def check_inputs(args):
 
     Returns the adapter config that training will use, so the same derivation is not repeated.
     """
-    from diffusers import AutoencoderKL, T2IAdapter, UNet2DConditionModel
-
     for flag in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "adapter_model_name_or_path"):
         configs.check_model_location(f"--{flag}", getattr(args, flag))
     configs.check_model_location("--tokenizer_name", args.tokenizer_name)
@@ -523,13 +530,11 @@ def check_inputs(args):
     for path in args.validation_image or []:
         images.check_image_file("--validation_image", path)
     if args.enable_xformers_memory_efficient_attention:
-        from diffusers.utils.import_utils import is_xformers_available
-
         if not is_xformers_available():
             raise ValueError("`--enable_xformers_memory_efficient_attention` needs xformers: `pip install xformers`.")
     if args.use_8bit_adam:
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  (optional: only --use_8bit_adam needs it)
         except ImportError:
             raise ValueError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`.") from None
 
@@ -754,8 +759,6 @@ def weight_dtype_for(mixed_precision):
 
 def text_encoder_class(location, subfolder, args):
     """The transformers class named in a text encoder's config."""
-    import transformers
-
     config = transformers.AutoConfig.from_pretrained(
         location, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir
     )
@@ -767,8 +770,6 @@ def text_encoder_class(location, subfolder, args):
 
 def load_tokenizers(args):
     """The two CLIP tokenizers: from --tokenizer_name when given, else from the base model."""
-    from transformers import AutoTokenizer
-
     def load(location, subfolder):
         return AutoTokenizer.from_pretrained(
             location, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir, use_fast=False
@@ -782,11 +783,42 @@ def load_tokenizers(args):
     return [tokenizer, tokenizer]
 
 
+def sigma_table(noise_scheduler):
+    """σ for every training timestep, indexable by the timestep itself.
+
+    Built once from the scheduler's own (timestep, σ) pairs, so a batch's σ is one gather
+    instead of upstream's per-sample search with a host sync each.
+    """
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    schedule_timesteps = noise_scheduler.timesteps.round().long()
+    sigmas = noise_scheduler.sigmas[: len(schedule_timesteps)].float()
+    table = torch.full((num_train_timesteps,), float("nan"))
+    table[schedule_timesteps] = sigmas
+    if torch.isnan(table).any():
+        raise ValueError("The noise scheduler does not cover every training timestep.")
+    return table
+
+
+@dataclasses.dataclass
+class Models:
+    """The run's models: the frozen SDXL parts and the adapter that trains."""
+
+    noise_scheduler: typing.Any
+    tokenizers: list
+    text_encoders: list
+    vae: typing.Any
+    unet: typing.Any
+    adapter: typing.Any
+
+    @functools.cached_property
+    def sigmas_by_timestep(self):
+        """The scheduler's σ table (sigma_table), built once for the loss, the loop and the gain."""
+        return sigma_table(self.noise_scheduler)
+
+
 def load_models(args, adapter_config):
     """The components by name: scheduler, tokenizers, text encoders, VAE, UNet and the adapter, all
     frozen but the adapter."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, T2IAdapter, UNet2DConditionModel
-
     base = args.pretrained_model_name_or_path
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
     noise_scheduler = EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **hub)
@@ -819,14 +851,7 @@ def load_models(args, adapter_config):
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
     adapter.train()
-    return {
-        "noise_scheduler": noise_scheduler,
-        "tokenizers": tokenizers,
-        "text_encoders": text_encoders,
-        "vae": vae,
-        "unet": unet,
-        "adapter": adapter,
-    }
+    return Models(noise_scheduler, tokenizers, text_encoders, vae, unet, adapter)
 
 
 # ------------------------------------------------------------------------------------------
@@ -839,22 +864,6 @@ def sample_timesteps(batch_size, num_train_timesteps, device=None, generator=Non
     u = torch.rand((batch_size,), device=device, generator=generator)
     timesteps = ((1 - u**3) * num_train_timesteps).long()
     return timesteps.clamp(0, num_train_timesteps - 1)
-
-
-def sigma_table(noise_scheduler):
-    """σ for every training timestep, indexable by the timestep itself.
-
-    Built once from the scheduler's own (timestep, σ) pairs, so a batch's σ is one gather
-    instead of upstream's per-sample search with a host sync each.
-    """
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    schedule_timesteps = noise_scheduler.timesteps.round().long()
-    sigmas = noise_scheduler.sigmas[: len(schedule_timesteps)].float()
-    table = torch.full((num_train_timesteps,), float("nan"))
-    table[schedule_timesteps] = sigmas
-    if torch.isnan(table).any():
-        raise ValueError("The noise scheduler does not cover every training timestep.")
-    return table
 
 
 def predict_clean_latents(model_pred, noisy_latents, sigmas, prediction_type):
@@ -937,7 +946,7 @@ def log_validation_images(image_logs, trackers, step):
                 stack = np.stack([np.asarray(image) for image in [log["validation_image"], *log["images"]]])
                 tracker.writer.add_images(log["validation_prompt"], stack, step, dataformats="NHWC")
         elif tracker.name == "wandb":
-            import wandb
+            import wandb  # here: an optional tracker, slow to import, needed only with --report_to wandb
 
             formatted = []
             for log in image_logs:
@@ -961,16 +970,25 @@ def control_pair_batch(rows, args):
     return loader.collate_fn([transform(rows[index], (args.resolution, args.resolution), index) for index in range(len(rows))])
 
 
+@contextlib.contextmanager
+def global_rngs_kept(device):
+    """Python's and torch's global RNGs (and the device's) as they were when the block began: what runs
+    inside (validation, the gain's pairs) never changes the draws training makes."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    random.setstate(python_state)
+
+
 @torch.no_grad()
 def prepare_control_pairs(batch, components, args, device, seed=control.CONTROL_SCORE_SEED):
     """ControlPairs on `device`: latents (a posterior sample drawn from `seed`), conditions, the first
     caption's embeddings and the micro-conditioning. The global RNGs are left as they were."""
-    vae = components["vae"]
-    python_rng_state = random.getstate()  # select_captions draws even with no empty prompts
-    captions = select_captions(batch["captions"], 0.0, is_train=False)
-    random.setstate(python_rng_state)
+    vae = components.vae
+    with global_rngs_kept(device):  # select_captions draws even with no empty prompts
+        captions = select_captions(batch["captions"], 0.0, is_train=False)
     latents = encode_latents(vae, batch["pixel_values"], generator=torch.Generator(vae.device).manual_seed(seed))
-    prompt_embeds, pooled_embeds = encode_prompt(captions, components["text_encoders"], components["tokenizers"])
+    prompt_embeds, pooled_embeds = encode_prompt(captions, components.text_encoders, components.tokenizers)
     return control.ControlPairs(
         latents.float().to(device), batch["conditioning_pixel_values"].to(device), prompt_embeds.to(device),
         pooled_embeds.to(device), batch_time_ids(batch, args, device),
@@ -993,13 +1011,13 @@ def pair_loss(unet, adapter, sigmas_by_timestep, prediction_type, weight_dtype):
                    prediction_type=prediction_type, weight_dtype=weight_dtype)
 
 
-def measure_control(components, adapter, args, accelerator, weight_dtype, step):
-    """The conditioning gain on the validation pairs at `step`, logged to every tracker; None without pairs."""
-    pairs = components.get("control_pairs")
+def measure_control(components, adapter, pairs, args, accelerator, weight_dtype, step):
+    """The conditioning gain on the validation `pairs` (ControlPairs) at `step`, logged to every tracker;
+    None without pairs."""
     if pairs is None:
         return None
-    scheduler = components["noise_scheduler"]
-    loss = pair_loss(components["unet"], accelerator.unwrap_model(adapter), sigma_table(scheduler),
+    scheduler = components.noise_scheduler
+    loss = pair_loss(components.unet, accelerator.unwrap_model(adapter), components.sigmas_by_timestep,
                      scheduler.config.prediction_type, weight_dtype)
     score = control.conditioning_gain(loss, pairs, scheduler.config.num_train_timesteps, args.train_batch_size)
     logs = {
@@ -1037,26 +1055,24 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
     model from disk each time), autocast follows the actual device (upstream assumes CUDA), and
     the global RNGs are left untouched so that validation never changes training.
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLAdapterPipeline
-
     logger.info(f"Running validation at step {step}.")
     device = accelerator.device
     dtype = validation_dtype(device, weight_dtype)
-    frozen = [components["unet"], *components["text_encoders"]]
+    frozen = [components.unet, *components.text_encoders]
     for model in frozen:
         cast_to(model, dtype)
-    vae_device = components["vae"].device  # off the GPU between validations with --cache_latents
-    components["vae"].to(device)
+    vae_device = components.vae.device  # off the GPU between validations with --cache_latents
+    components.vae.to(device)
     pipeline = StableDiffusionXLAdapterPipeline(
-        vae=components["vae"],
-        text_encoder=components["text_encoders"][0],
-        text_encoder_2=components["text_encoders"][1],
-        tokenizer=components["tokenizers"][0],
-        tokenizer_2=components["tokenizers"][1],
-        unet=components["unet"],
+        vae=components.vae,
+        text_encoder=components.text_encoders[0],
+        text_encoder_2=components.text_encoders[1],
+        tokenizer=components.tokenizers[0],
+        tokenizer_2=components.tokenizers[1],
+        unet=components.unet,
         # A copy in the UNet's dtype: float32 features would promote the UNet's activations.
         adapter=cast_to(copy.deepcopy(accelerator.unwrap_model(adapter)), dtype),
-        scheduler=EulerDiscreteScheduler.from_config(components["noise_scheduler"].config),
+        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config),
     )
     pipeline.set_progress_bar_config(disable=True)
     if args.enable_xformers_memory_efficient_attention:
@@ -1065,8 +1081,7 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
 
     multiple = pipeline.adapter.total_downscale_factor
     image_logs = []
-    python_rng_state = random.getstate()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+    with global_rngs_kept(device), autocast:
         generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
         for prompt, image_path in images.pair_validation_inputs(args.validation_prompt, args.validation_image):
             condition = images.load_upright_rgb({"path": image_path, "bytes": None})
@@ -1084,10 +1099,9 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
                 for _ in range(args.num_validation_images)
             ]
             image_logs.append({"validation_image": condition, "images": samples, "validation_prompt": prompt})
-    random.setstate(python_rng_state)
     for model in frozen:
         cast_to(model, weight_dtype)
-    components["vae"].to(vae_device)
+    components.vae.to(vae_device)
     log_validation_images(image_logs, accelerator.trackers, step)
     metric = control_metric(args)
     if metric != "none":
@@ -1211,7 +1225,7 @@ def set_up_models(components, args, accelerator):
     one, follows the weight dtype)."""
     accelerator.register_save_state_pre_hook(partial(lifecycle.save_adapter_hook, accelerator=accelerator))
     accelerator.register_load_state_pre_hook(lifecycle.load_adapter_hook)
-    unet, adapter = components["unet"], components["adapter"]
+    unet, adapter = components.unet, components.adapter
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
@@ -1228,8 +1242,8 @@ def set_up_models(components, args, accelerator):
         torch.backends.cudnn.allow_tf32 = True
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path is not None else torch.float32
-    components["vae"].to(accelerator.device, dtype=vae_dtype)
-    for model in (unet, *components["text_encoders"]):
+    components.vae.to(accelerator.device, dtype=vae_dtype)
+    for model in (unet, *components.text_encoders):
         model.to(accelerator.device, dtype=weight_dtype)
     return weight_dtype
 
@@ -1241,9 +1255,9 @@ def latent_files_for(train_data, components, args, accelerator):
     def pixels_of(image):  # what the transform makes of an image without random placement
         return to_training_pixels(centre_crop(image, args.resolution))
 
-    latent_files = loader.cache_latents(train_data[0], components["vae"], args, accelerator, pixels_of)
+    latent_files = loader.cache_latents(train_data[0], components.vae, args, accelerator, pixels_of)
     if accelerator.device.type != "cpu":
-        components["vae"].to("cpu")  # only validation decodes now: free its GPU memory in between
+        components.vae.to("cpu")  # only validation decodes now: free its GPU memory in between
     return latent_files
 
 
@@ -1263,7 +1277,7 @@ def build_optimizer(params, args, lr, device):
     """AdamW (bitsandbytes' 8-bit variant with --use_8bit_adam); PyTorch's fused kernel on CUDA."""
     extra = {}
     if args.use_8bit_adam:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional: only --use_8bit_adam needs it
 
         optimizer_class = bnb.optim.AdamW8bit
     else:
@@ -1283,8 +1297,6 @@ def build_lr_scheduler(optimizer, args, max_train_steps, num_processes):
     """The LR schedule, counted in scheduler calls. accelerate's prepared scheduler is called once
     per process for each optimisation step, so warm-up and length are scaled by the number of
     processes (upstream does not, and its schedule runs N times too fast on N processes)."""
-    from diffusers.optimization import get_scheduler
-
     return get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1308,10 +1320,10 @@ def build_training(adapter, args, accelerator, max_train_steps):
 
 
 def log_run_summary(args, accelerator, train_data, batches_per_epoch, max_train_steps, seed):
-    dataset, sizes = train_data.dataset, train_data.sizes
+    dataset = train_data.dataset
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    if sizes is None:
+    if train_data.streamed:
         logger.info(f"  Streamed in windows of {args.shuffle_buffer_size} samples")
     else:
         steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
@@ -1338,7 +1350,7 @@ class RunHooks:
         """Called once, when the models are loaded and placed and the data is ready."""
 
     def encode_prompt(self, captions, components):
-        return encode_prompt(captions, components["text_encoders"], components["tokenizers"])
+        return encode_prompt(captions, components.text_encoders, components.tokenizers)
 
     def training_loss(self, *loss_arguments):
         return adapter_training_loss(*loss_arguments)
@@ -1349,7 +1361,7 @@ class RunHooks:
 
 def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtype, device, hooks):
     """Latents, text embeddings and micro-conditioning for one batch, then the adapter's loss."""
-    vae = components["vae"]
+    vae = components.vae
     if "latent_mean" in batch:
         # The loader's batch is in host memory (it is not prepared): the cached distribution goes to the device.
         mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
@@ -1360,14 +1372,14 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
     prompt_embeds, pooled_embeds = hooks.encode_prompt(captions, components)
     time_ids = batch_time_ids(batch, args, device)
     return hooks.training_loss(
-        components["unet"],
+        components.unet,
         adapter,
         latents,
         batch["conditioning_pixel_values"].to(device),
         prompt_embeds,
         {"text_embeds": pooled_embeds, "time_ids": time_ids},
         sigmas_by_timestep,
-        components["noise_scheduler"].config.prediction_type,
+        components.noise_scheduler.config.prediction_type,
         weight_dtype,
     )
 
@@ -1460,10 +1472,10 @@ def model_card_training_details(args, steps, num_processes, validation=None):
     return details
 
 
-def validate(components, adapter, args, accelerator, weight_dtype, step):
+def validate(components, adapter, control_pairs, args, accelerator, weight_dtype, step):
     """{"step", "control", "logs"} of a validation at `step`: the conditioning gain on the validation
     pairs and the images of the validation prompts, each None when not asked for; None for neither."""
-    control = measure_control(components, adapter, args, accelerator, weight_dtype, step)
+    control = measure_control(components, adapter, control_pairs, args, accelerator, weight_dtype, step)
     logs = None
     if args.validation_prompt is not None:
         logs = run_validation(components, adapter, args, accelerator, weight_dtype, step)
@@ -1487,18 +1499,18 @@ def create_hub_repo(args, accelerator):
     return create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token, private=True).repo_id
 
 
-def finish_training(accelerator, adapter, components, args, weight_dtype, global_step, validation, repo_id, preemption):
+def finish_training(accelerator, adapter, components, control_pairs, args, weight_dtype, global_step, validation,
+                    repo_id, preemption):
     """The adapter in diffusers format, the final validation (unless this step was just validated),
     the model card and the Hub upload. The adapter is saved first, and the stop-signal handler is
     still on: a signal in this phase skips the validation and the upload, never the save."""
     if not accelerator.is_main_process:
         return
     accelerator.unwrap_model(adapter).save_pretrained(args.output_dir)
-    with open(os.path.join(args.output_dir, lifecycle.FINISHED_FILE), "w") as f:  # a requeue finds the run complete
-        json.dump({"step": global_step}, f)
+    lifecycle.mark_finished(args.output_dir, global_step)
     logger.info(f"Saved the adapter to {args.output_dir}")
     if preemption.received is None and (validation is None or validation["step"] != global_step):
-        validation = validate(components, adapter, args, accelerator, weight_dtype, global_step)
+        validation = validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step)
     logs = validation["logs"] if validation else None
     details = model_card_training_details(args, global_step, accelerator.num_processes, validation)
     save_model_card(
@@ -1527,14 +1539,14 @@ def training_run(args, adapter_config, accelerator, hooks):
     memory.check_memory_fits(args, accelerator, trainer=sys.modules[__name__])  # the planner runs this file's step
     components = load_models(args, adapter_config)
     weight_dtype = set_up_models(components, args, accelerator)
-    sigmas_by_timestep = sigma_table(components["noise_scheduler"]).to(accelerator.device)
-    components["control_pairs"] = control_pairs_for(train_data, components, args, accelerator)
+    sigmas_by_timestep = components.sigmas_by_timestep.to(accelerator.device)
+    control_pairs = control_pairs_for(train_data, components, args, accelerator)
     train_dataloader, batches_per_epoch = loader.make_train_dataloader(
         train_data, PairTransform(args), args, seed, accelerator.process_index, accelerator.num_processes,
         configs.adapter_total_downscale(adapter_config), latent_files_for(train_data, components, args, accelerator),
     )
     max_train_steps = total_steps(args, batches_per_epoch)
-    adapter, optimizer, lr_scheduler = build_training(components["adapter"], args, accelerator, max_train_steps)
+    adapter, optimizer, lr_scheduler = build_training(components.adapter, args, accelerator, max_train_steps)
     hooks.models_ready(components, train_data, args)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
@@ -1547,12 +1559,12 @@ def training_run(args, adapter_config, accelerator, hooks):
     if resume_path is not None:
         global_step = lifecycle.resume_from(resume_path, resumed_data_state, accelerator, train_dataloader)
         if "settings" in resumed_data_state:  # not in checkpoints of earlier versions
-            lifecycle.apply_changed_settings(resumed_data_state["settings"], settings, optimizer, lr_scheduler)
+            lifecycle.apply_changed_settings(resumed_data_state["settings"], settings, args, optimizer, lr_scheduler)
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     if global_step == 0 and accelerator.is_main_process:  # the curve starts from the untrained adapter
-        measure_control(components, adapter, args, accelerator, weight_dtype, 0)
+        measure_control(components, adapter, control_pairs, args, accelerator, weight_dtype, 0)
     validation, losses = None, StepLosses(accelerator.device)
     with lifecycle.PreemptionHandler() as preemption:
         # A run resumed at its last step (stopped before its final save) only finishes.
@@ -1573,7 +1585,10 @@ def training_run(args, adapter_config, accelerator, hooks):
                 data_state = {"seed": seed, "run": run, "settings": settings, "loader": train_dataloader.state_dict()}
                 lifecycle.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process and not stopping:
-                validation = validate(components, adapter, args, accelerator, weight_dtype, global_step) or validation
+                validation = (
+                    validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step)
+                    or validation
+                )
             if stopping:
                 preemption.stop(accelerator, global_step, os.path.join(args.output_dir, f"checkpoint-{global_step}"))
             if global_step >= max_train_steps:
@@ -1582,9 +1597,8 @@ def training_run(args, adapter_config, accelerator, hooks):
             logger.warning(f"Skipped {losses.skipped} optimisation step(s) with a non-finite loss.")
 
         accelerator.wait_for_everyone()
-        finish_training(
-            accelerator, adapter, components, args, weight_dtype, global_step, validation, repo_id, preemption
-        )
+        finish_training(accelerator, adapter, components, control_pairs, args, weight_dtype, global_step, validation,
+                        repo_id, preemption)
         if preemption.received is not None:  # during the final phase, after the adapter was saved
             preemption.stop(accelerator, global_step, f"the adapter in {args.output_dir}")
     accelerator.end_training()

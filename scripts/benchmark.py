@@ -162,13 +162,13 @@ def upstream_hooks(train, work_dir):
             import torch
             from datasets.fingerprint import Hasher
 
-            components["unet"].requires_grad_(True)  # upstream never freezes the UNet
-            self.loss = upstream_training_loss(components["noise_scheduler"])
+            components.unet.requires_grad_(True)  # upstream never freezes the UNet
+            self.loss = upstream_training_loss(components.noise_scheduler)
 
             # Every caption, before step 1, stored in float32 by datasets.map under a hash of all arguments.
             def embed(batch):
                 prompt_embeds, pooled = train.encode_prompt(list(batch[args.caption_column]),
-                                                            components["text_encoders"], components["tokenizers"])
+                                                            components.text_encoders, components.tokenizers)
                 return {"prompt_embeds": prompt_embeds.float().cpu().numpy(), "text_embeds": pooled.float().cpu().numpy()}
 
             # A fresh folder each run: upstream pays this precompute again whenever any argument changes.
@@ -183,7 +183,7 @@ def upstream_hooks(train, work_dir):
         def encode_prompt(self, captions, components):
             import torch
 
-            device = components["text_encoders"][0].device
+            device = components.text_encoders[0].device
             return (torch.stack([self.embeddings[c][0] for c in captions]).to(device),
                     torch.stack([self.embeddings[c][1] for c in captions]).to(device))
 

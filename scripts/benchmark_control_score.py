@@ -51,12 +51,12 @@ def main(argv=None):
         "--validation_pairs", str(max(options.pairs)), "--seed", "0",
     ])
     components = train.load_models(args, train.check_inputs(args))
-    adapter = components["adapter"]
-    training_data = train.data.load_training_data(args, seed=0)
+    adapter = components.adapter
+    training_data = train.data.load_training_data(args, 0, train.data.recorded_scan_samples)
     device, weight_dtype = torch.device("cpu"), torch.float32
     pairs = train.prepare_control_pairs(train.control_pair_batch(training_data.control_pairs, args), components, args, device)
     batch = train.control_pair_batch(training_data.dataset.select(range(options.train_batch_size)), args)
-    scheduler = components["noise_scheduler"]
+    scheduler = components.noise_scheduler
     sigmas = train.sigma_table(scheduler)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5)
 
@@ -68,7 +68,7 @@ def main(argv=None):
 
     def gain(count):
         subset = train.control.ControlPairs(*(tensor[:count] for tensor in pairs))
-        loss = train.pair_loss(components["unet"], adapter, sigmas, scheduler.config.prediction_type, weight_dtype)
+        loss = train.pair_loss(components.unet, adapter, sigmas, scheduler.config.prediction_type, weight_dtype)
         return lambda: train.control.conditioning_gain(loss, subset, len(sigmas), args.train_batch_size)
 
     timed = {"training step": training_step, **{f"gain, {count} pairs": gain(count) for count in options.pairs}}

@@ -45,12 +45,13 @@ import time
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from PIL import Image, ImageDraw
 from torchvision.transforms.functional import to_pil_image
 
 import train_t2i_adapter_sdxl as train
 from make_fill_dataset import COLORS, make_fill_sample
-from t2i_train import configs, control, data
+from t2i_train import control, data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,31 +151,18 @@ def pair_images(batch):
     return conditions, targets
 
 
-def load_components(base):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    return {
-        "tokenizers": [CLIPTokenizer.from_pretrained(base, subfolder=s) for s in ("tokenizer", "tokenizer_2")],
-        "text_encoders": [
-            CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval(),
-            CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2").eval(),
-        ],
-        "vae": AutoencoderKL.from_pretrained(base, subfolder="vae").eval(),
-        "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet").eval(),
-        "noise_scheduler": EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
-    }
-
-
-def load_adapter(adapter_dir, components, seed=0):
-    """The trained adapter, or (adapter_dir None) a fresh one derived like the trainer's, seeded."""
-    from diffusers import T2IAdapter
-
-    if adapter_dir is not None:
-        return T2IAdapter.from_pretrained(adapter_dir).eval()
+def load_models(args, seed=0):
+    """The frozen SDXL parts and the adapter, loaded by the trainer's own load_models: the trained adapter
+    (--adapter), or without it a fresh one derived like the trainer's, drawn from `seed`."""
+    flags = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--resolution", str(args.resolution)]
+    if args.adapter is not None:
+        flags += ["--adapter_model_name_or_path", args.adapter]
+    trainer_flags = train.build_parser().parse_args(flags)
+    PartialState()  # the trainer logs through accelerate's logger, which needs its state
     torch.manual_seed(seed)
-    config = configs.derive_adapter_config(dict(components["unet"].config), dict(components["vae"].config))
-    return T2IAdapter(**config).eval()
+    models = train.load_models(trainer_flags, train.check_inputs(trainer_flags))
+    models.adapter.eval()
+    return models
 
 
 # ----------------------------------------------------------------------------
@@ -185,9 +173,9 @@ def load_adapter(adapter_dir, components, seed=0):
 def conditioning_gain(components, adapter, batch, args_for_trainer, seed=0, noise_draws=2, batch_size=32):
     """The trainer's conditioning gain on a pair batch (control_pair_batch), its latents and noise from `seed`."""
     pairs = train.prepare_control_pairs(batch, components, args_for_trainer, torch.device("cpu"), seed=seed)
-    scheduler = components["noise_scheduler"]
+    scheduler = components.noise_scheduler
     sigmas = train.sigma_table(scheduler)
-    loss = train.pair_loss(components["unet"], adapter, sigmas, scheduler.config.prediction_type, torch.float32)
+    loss = train.pair_loss(components.unet, adapter, sigmas, scheduler.config.prediction_type, torch.float32)
     return control.conditioning_gain(loss, pairs, len(sigmas), batch_size, seed=seed, draws=noise_draws)
 
 
@@ -244,13 +232,13 @@ def make_pipelines(base, components, adapter):
     from diffusers import StableDiffusionXLAdapterPipeline, StableDiffusionXLPipeline
 
     shared = {
-        "vae": components["vae"],
-        "text_encoder": components["text_encoders"][0],
-        "text_encoder_2": components["text_encoders"][1],
-        "tokenizer": components["tokenizers"][0],
-        "tokenizer_2": components["tokenizers"][1],
-        "unet": components["unet"],
-        "scheduler": components["noise_scheduler"],
+        "vae": components.vae,
+        "text_encoder": components.text_encoders[0],
+        "text_encoder_2": components.text_encoders[1],
+        "tokenizer": components.tokenizers[0],
+        "tokenizer_2": components.tokenizers[1],
+        "unet": components.unet,
+        "scheduler": components.noise_scheduler,
     }
     adapter_pipe = StableDiffusionXLAdapterPipeline(adapter=adapter, force_zeros_for_empty_prompt=True, **shared)
     base_pipe = StableDiffusionXLPipeline(force_zeros_for_empty_prompt=True, add_watermarker=False, **shared)
@@ -346,8 +334,8 @@ def main(argv=None):
         rows = fill_rows(samples)
     args_for_trainer = trainer_args(args)
     batch = train.control_pair_batch(rows, args_for_trainer)
-    components = load_components(args.pretrained_model_name_or_path)
-    adapter = load_adapter(args.adapter, components)
+    components = load_models(args)
+    adapter = components.adapter
     adapter_label = args.adapter or "untrained adapter"
 
     gain_batch = {key: value[: args.num_samples] for key, value in batch.items()}

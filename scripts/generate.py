@@ -80,6 +80,11 @@ def output_size(width, height, multiple, resolution=None):
     is scaled so that its shorter side is ``resolution``. Either way the
     aspect ratio is kept and both sides are rounded down to a multiple of
     the adapter's downscale factor, which its pixel-unshuffle requires.
+
+    Not the trainer's validation size (t2i_train.images.validation_size, about resolution² pixels): a
+    user generates at the condition's own size, or at a chosen shorter side, and never gets more
+    pixels than asked for; validation compares steps of one run, so it keeps the training area. The
+    grid differs for the same reason: conditions here may differ in size, validation's are one size.
     """
     if resolution is not None:
         scale = resolution / min(width, height)

@@ -4,6 +4,9 @@ derived from a UNet's config, and the real SDXL's configs (for planning and benc
 import os
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
+
 CONFIG_KEYS = {  # what the input checks read of each model's config
     "UNet2DConditionModel": ("block_out_channels", "down_block_types"),
     "AutoencoderKL": ("block_out_channels",),
@@ -13,8 +16,6 @@ CONFIG_KEYS = {  # what the input checks read of each model's config
 
 def check_model_location(flag, value):
     """A local path must exist; anything else must at least look like a Hub repository id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if value is None or os.path.isdir(value):
         return
     try:
@@ -45,8 +46,6 @@ def load_model_config(model_class, location, subfolder, args, flag):
 def safetensors_dtypes(folder):
     """The dtypes of the weights `from_pretrained` loads from a local diffusers model folder (not
     variants such as diffusion_pytorch_model.fp16.safetensors), read from safetensors headers only."""
-    from safetensors import safe_open
-
     dtypes = set()
     weight_files = [*Path(folder).glob("diffusion_pytorch_model.safetensors"),
                     *Path(folder).glob("diffusion_pytorch_model-*-of-*.safetensors")]

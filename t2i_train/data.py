@@ -13,8 +13,11 @@ import typing
 
 import numpy as np
 from accelerate.logging import get_logger
+from datasets import Image as ImageFeature
+from datasets import load_dataset
 from PIL import Image
 
+from .files import write_json_atomically
 from .images import open_stored_image, verified_upright_size
 
 logger = get_logger(__name__)
@@ -56,8 +59,6 @@ def used_columns(args):
 def undecoded_images(dataset, args):
     """The dataset with its image columns left as stored (bytes or a path): decoded only where a
     sample is transformed, and small enough to hold a shuffle window of them."""
-    from datasets import Image as ImageFeature
-
     if dataset.features is None:  # a stream whose features are unknown decodes nothing itself
         return dataset
     for flag, column in used_columns(args).items():
@@ -109,8 +110,6 @@ def local_imagefolder_files(location):
 
 def open_dataset(location, args, **options):
     """`datasets.load_dataset` on the training data; a local imagefolder by its listed files."""
-    from datasets import load_dataset
-
     files = local_imagefolder_files(location)
     if files is None:
         return load_dataset(location, args.dataset_config_name, cache_dir=args.cache_dir, **options)
@@ -174,8 +173,6 @@ def stored_sample(sample, args):
 def scan_samples(dataset, args):
     """(bad, sizes): (row, problem) for every sample that cannot be trained on, and every good
     row's image (height, width)."""
-    from datasets import Image as ImageFeature
-
     columns = used_columns(args)
     for flag, column in columns.items():
         if flag != "caption_column" and not isinstance(dataset.features[column], ImageFeature):
@@ -201,8 +198,6 @@ def scan_samples(dataset, args):
 def image_file_sizes(dataset, args):
     """(path, size) of every image file the dataset refers to by path in the columns training reads
     (an imagefolder's images), read from the table without touching any stored image bytes."""
-    from datasets import Image as ImageFeature
-
     sizes = []
     for column in used_columns(args).values():
         if not isinstance(dataset.features[column], ImageFeature):  # captions; text where images belong (refused)
@@ -240,17 +235,22 @@ def recorded_scan_samples(dataset, args):
     bad, sizes = scan_samples(dataset, args)
     logger.info(f"Checked all {len(dataset)} samples: {len(bad)} bad.", main_process_only=False)
     if record_path is not None:
-        tmp_path = f"{record_path}.{os.getpid()}.tmp"
         try:
-            with open(tmp_path, "w") as f:
-                json.dump({"bad": bad, "sizes": sizes}, f)
-            os.replace(tmp_path, record_path)  # ranks writing at once each replace it whole
+            write_json_atomically(record_path, {"bad": bad, "sizes": sizes})  # ranks writing at once each replace it whole
         except OSError as error:  # a read-only shared cache: check again next time
             logger.warning(f"Could not record the sample check in {record_path}: {error}")
     return bad, sizes
 
 
-def drop_or_refuse_bad_samples(dataset, args, check_samples=recorded_scan_samples, kind="training"):
+def refuse_or_skip(problem, skip, fix="Fix it", error=None):
+    """The one policy for bad samples, before training or during it: without --skip_bad_samples (`skip`)
+    stop with `problem` and how to `fix` it; with it, warn with the same words and go on."""
+    if not skip:
+        raise ValueError(f"{problem}. {fix}, or pass --skip_bad_samples.") from error
+    logger.warning(f"{problem}. Skipped.", main_process_only=False)
+
+
+def drop_or_refuse_bad_samples(dataset, args, check_samples, kind="training"):
     """(dataset, sizes): check every sample before training (or read an earlier run's check of the
     same files), then stop with the rows at fault, or drop them with --skip_bad_samples."""
     bad, sizes = check_samples(dataset, args)
@@ -258,11 +258,8 @@ def drop_or_refuse_bad_samples(dataset, args, check_samples=recorded_scan_sample
         listing = "; ".join(f"row {row}: {problem}" for row, problem in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         columns = "columns " + ", ".join(map(repr, used_columns(args).values()))
-        if not args.skip_bad_samples:
-            raise ValueError(
-                f"{len(bad)} bad {kind} sample(s) in {columns}: {listing}{more}. Fix them, or pass --skip_bad_samples."
-            )
-        logger.warning(f"Skipping {len(bad)} of {len(dataset)} {kind} samples: {listing}{more}.")
+        refuse_or_skip(f"{len(bad)} bad {kind} sample(s) of {len(dataset)} in {columns}: {listing}{more}",
+                       args.skip_bad_samples, fix="Fix them")
         bad_rows = {row for row, _ in bad}
         dataset = dataset.select([row for row in range(len(dataset)) if row not in bad_rows])
         if len(dataset) == 0:
@@ -274,6 +271,7 @@ class TrainingData(typing.NamedTuple):
     dataset: typing.Any  # the training split, loaded whole or (--streaming) a stream
     sizes: typing.Optional[list]  # each row's image (height, width); None for a stream
     control_pairs: typing.Any = None  # the rows validation measures the conditioning gain on, or None
+    streamed: bool = False  # a stream (--streaming): no sizes, no length, read in windows
 
 
 def hold_out_pairs(dataset, sizes, count, seed):
@@ -287,7 +285,7 @@ def hold_out_pairs(dataset, sizes, count, seed):
     return dataset.select(kept), [sizes[row] for row in kept], dataset.select(sorted(held_out))
 
 
-def load_train_dataset(args, seed, check_samples=recorded_scan_samples):
+def load_train_dataset(args, seed, check_samples):
     """TrainingData: the checked training split, each row's image (height, width), and the rows held
     out for the conditioning gain (--validation_pairs without a validation set).
 
@@ -319,7 +317,7 @@ def load_train_dataset(args, seed, check_samples=recorded_scan_samples):
     return TrainingData(train, sizes, held_out)
 
 
-def load_validation_set(args, check_samples=recorded_scan_samples):
+def load_validation_set(args, check_samples):
     """The first --validation_pairs rows (default up to DEFAULT_VALIDATION_PAIRS) of the validation
     set, checked like training samples."""
     flag, location = validation_set_location(args)
@@ -355,11 +353,12 @@ def load_streaming_dataset(args):
     return undecoded_images(stream, args)
 
 
-def load_training_data(args, seed, check_samples=recorded_scan_samples):
+def load_training_data(args, seed, check_samples):
     """TrainingData: the dataset loaded whole, or a stream with --streaming, and the pairs of the
-    conditioning gain, from the validation set or held out of the training data."""
+    conditioning gain, from the validation set or held out of the training data. `check_samples` is the
+    sample check (`recorded_scan_samples`, or the caller's), passed down to every place that checks."""
     if args.streaming:
-        data = TrainingData(load_streaming_dataset(args), None)
+        data = TrainingData(load_streaming_dataset(args), None, streamed=True)
     else:
         data = load_train_dataset(args, seed, check_samples)
     if validation_set_location(args) is not None:

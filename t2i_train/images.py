@@ -5,6 +5,7 @@ import io
 import math
 import os
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -76,8 +77,6 @@ def load_upright_rgb(value):
 
 def canny_condition(image, low_threshold, high_threshold):
     """The canny condition of an image: OpenCV's edge map, white edges on black, as RGB."""
-    import cv2
-
     edges = cv2.Canny(np.asarray(image.convert("RGB")), low_threshold, high_threshold)
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
 

@@ -3,6 +3,7 @@ and resolving), the finished marker, the run's identity, resume with its changed
 preemption by a stop signal."""
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -16,9 +17,11 @@ import zipfile
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, load
+from diffusers import T2IAdapter
+from safetensors import safe_open
 
-from .data import dataset_location
+from .files import write_json_atomically
 
 logger = get_logger(__name__)
 
@@ -34,13 +37,31 @@ CHECKPOINT_FILES = (
     os.path.join(ADAPTER_SUBFOLDER, "config.json"), os.path.join(ADAPTER_SUBFOLDER, "diffusion_pytorch_model.safetensors"),
 )
 CHECKPOINT_FILES_IF_THERE = ("optimizer.bin", "scheduler.bin")
-RESUME_SETTINGS = (  # flags whose change breaks an exact resume (with the learning rate, processes and data)
-    "train_batch_size", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
-    "lr_power", "resolution", "detection_resolution", "micro_conditioning", "random_crop", "random_flip",
-    "aspect_ratio_buckets", "conditioning_type", "max_train_samples", "proportion_empty_prompts", "streaming",
-    "shuffle_buffer_size", "image_column", "conditioning_image_column", "caption_column", "cache_latents",
-    "validation_pairs",  # without a validation set, the pairs held out of training
-)
+# The resume contract. Every flag is compared with the checkpoint's, except these, which may change freely:
+# where output goes and how it is logged, validation, checkpoint cadence, the Hub, how long to train, the
+# skip policies, cache folders, and kernels and memory options that leave the maths as it is.
+FREE_ON_RESUME = frozenset({
+    "output_dir", "logging_dir", "report_to", "tracker_project_name", "resume_from_checkpoint",
+    "validation_prompt", "validation_image", "num_validation_images", "validation_steps", "validation_data_dir",
+    "validation_dataset_name", "control_metric", "checkpointing_steps", "checkpoints_total_limit",
+    "push_to_hub", "hub_token", "hub_model_id", "max_train_steps", "num_train_epochs", "skip_nonfinite_steps",
+    "skip_bad_samples", "skip_memory_check", "cache_dir", "latent_cache_dir", "gradient_checkpointing",
+    "enable_xformers_memory_efficient_attention", "torch_compile", "set_grads_to_none",
+})
+# Compared, and a change is applied from the resumed step on (and said so); the optimizer's own are set
+# again after its state is restored, which would otherwise bring back the checkpoint's values.
+APPLIED_ON_RESUME = frozenset({"learning_rate", "scale_lr", "adam_beta1", "adam_beta2", "adam_weight_decay",
+                               "adam_epsilon", "max_grad_norm"})
+# Compared, and a change is refused: the checkpoint cannot continue under it.
+REFUSED_ON_RESUME = {
+    "use_8bit_adam": "the optimizer's saved state has another format",
+    "dataloader_num_workers": "the loader's saved position holds one state per DataLoader worker",
+}
+# Compared, and the checkpoint's value is kept: a new seed would replan the epoch mid-way, repeating some
+# samples and skipping others.
+KEPT_ON_RESUME = frozenset({"seed"})
+# Every other flag is compared and a change is warned about by name: the run continues, but not exactly
+# as it would have.
 
 
 def list_checkpoints(output_dir):
@@ -101,8 +122,7 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
         shutil.rmtree(tmp_path)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp_path)
-    with open(data_state_path(tmp_path, accelerator.process_index), "w") as f:
-        json.dump(data_state, f)
+    write_json_atomically(data_state_path(tmp_path, accelerator.process_index), data_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.exists(final_path):  # the same step saved again after a resume
@@ -126,9 +146,6 @@ def checkpoint_problems(checkpoint, process_index, read=False):
     empty one, and with `read` each whose format is broken, read without running any code (JSON,
     safetensors headers, torch's zip directory; the small random states loaded as tensors only). Empty
     when the checkpoint is complete."""
-    from accelerate.utils import load
-    from safetensors import safe_open
-
     problems = []
     names = [name.format(process_index) for name in CHECKPOINT_FILES]
     names += [name for name in CHECKPOINT_FILES_IF_THERE if os.path.exists(os.path.join(checkpoint, name))]
@@ -160,13 +177,34 @@ def checkpoint_problems(checkpoint, process_index, read=False):
     return problems
 
 
+def mark_finished(output_dir, step):
+    """Write the finished marker, once the final adapter is saved: a requeue finds the run complete."""
+    write_json_atomically(os.path.join(output_dir, FINISHED_FILE), {"step": step})
+
+
 def finished_step(output_dir):
-    """The step at which a run in `output_dir` finished (its final adapter saved), or None."""
+    """The step at which a run in `output_dir` finished (its final adapter saved), or None. A marker that
+    cannot be read (written by hand, or by an older version in place and cut short) is warned about and
+    taken as absent: the run then decides from its checkpoints and the adapter in the folder."""
     path = os.path.join(output_dir, FINISHED_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)["step"]
+    try:
+        with open(path) as f:
+            step = json.load(f)["step"]
+        if isinstance(step, int) and step >= 0:
+            return step
+        problem = f"its step is {step!r}"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problem = f"{type(error).__name__}: {error}"
+    logger.warning(f"The finished marker {path} is unreadable ({problem}); deciding from the checkpoints and the"
+                   " adapter in the folder instead.")
+    return None
+
+
+def holds_final_adapter(output_dir):
+    """Whether `output_dir` holds a saved final adapter (its weights), whatever its marker says."""
+    return os.path.isfile(os.path.join(output_dir, "diffusion_pytorch_model.safetensors"))
 
 
 def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
@@ -177,7 +215,7 @@ def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
     names = ", ".join(os.path.basename(path) for path in checkpoints)
     if resume_from_checkpoint is None:
         earlier = f"checkpoints of an earlier run ({names})" if checkpoints else "a finished run"
-        if checkpoints or finished_step(output_dir) is not None:
+        if checkpoints or finished_step(output_dir) is not None or holds_final_adapter(output_dir):
             raise ValueError(
                 f"`--output_dir` {output_dir!r} already holds {earlier}. Resume it with `--resume_from_checkpoint"
                 " latest`, or start the new run in another `--output_dir`."
@@ -208,8 +246,6 @@ def lock_output_dir(output_dir):
     one folder: `flock` on the folder itself, which the system releases however the process ends, so
     a crashed run leaves no stale lock. While it is held, LOCK_FILE in the folder names the holder.
     Returns the locked folder's descriptor, for `unlock_output_dir`."""
-    import fcntl
-
     os.makedirs(output_dir, exist_ok=True)
     folder = os.open(output_dir, os.O_RDONLY)
     try:
@@ -248,8 +284,6 @@ def save_adapter_hook(models, weights, output_dir, accelerator):
 
 def load_adapter_hook(models, input_dir):
     """accelerate load hook: read the adapter back from its diffusers-format folder."""
-    from diffusers import T2IAdapter
-
     while models:
         model = models.pop()
         saved = T2IAdapter.from_pretrained(os.path.join(input_dir, ADAPTER_SUBFOLDER))
@@ -292,7 +326,9 @@ def find_resume_point(args, accelerator):
             " `--resume_from_checkpoint checkpoint-<step>`, or delete this one. (A checkpoint saved by fewer"
             " processes, or by an older version of this trainer, lacks data_state files.)"
         )
-    return resume_path, load_data_state(resume_path, accelerator.process_index)
+    data_state = load_data_state(resume_path, accelerator.process_index)
+    refuse_changed_settings(data_state.get("settings", {}), vars(args), resume_path)
+    return resume_path, data_state
 
 
 def run_identity(args, accelerator, resumed_data_state=None):
@@ -306,38 +342,67 @@ def run_identity(args, accelerator, resumed_data_state=None):
     if accelerator.num_processes > 1:
         broadcast_object_list(drawn)
     drawn_seed, drawn_run = drawn[0]
-    seed = args.seed if args.seed is not None else resumed.get("seed", drawn_seed)
+    seed = resumed.get("seed", args.seed if args.seed is not None else drawn_seed)
+    if args.seed is not None and seed != args.seed:
+        logger.warning(f"Keeping the checkpoint's seed {seed}, not --seed {args.seed}: a new seed would replan the"
+                       " epoch mid-way, repeating some samples and skipping others. Start a new run for a new seed.")
     if seed == drawn_seed:
         logger.info(f"No --seed given: this run's seed is {seed} (pass --seed {seed} to repeat it).")
     return seed, resumed.get("run") or drawn_run
 
 
 def run_settings(args, learning_rate, num_processes, train_data):
-    """The settings a resumed run must share with the run it continues to continue it exactly; saved
-    in each checkpoint."""
-    dataset, sizes = train_data.dataset, train_data.sizes
+    """What a resumed run is compared with, saved in each checkpoint: every flag but FREE_ON_RESUME (so
+    never the Hub token), the learning rate in effect, the number of processes and the dataset's
+    fingerprint."""
+    dataset = train_data.dataset
+    flags = {name: value for name, value in vars(args).items() if name not in FREE_ON_RESUME}
     return {
+        **flags,
         "learning_rate": learning_rate,
         "processes": num_processes,
-        **{flag: getattr(args, flag) for flag in RESUME_SETTINGS},
-        "dataset": dataset_location(args)[1],
-        "dataset fingerprint": None if sizes is None else dataset._fingerprint,
+        "dataset fingerprint": None if train_data.streamed else dataset._fingerprint,
     }
 
 
-def apply_changed_settings(saved, current, optimizer, lr_scheduler):
-    """A resumed run with other settings than its checkpoint's: a new learning rate is applied from
-    here on (the schedule keeps its shape), and every other change is named in a warning, since the
-    run no longer continues exactly as it would have."""
-    changed = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+def changed_settings(saved, current):
+    """{name: (checkpoint's value, new value)} of what differs; a setting the checkpoint does not record
+    (an older version's checkpoint) is not compared."""
+    return {name: (saved[name], value) for name, value in current.items() if name in saved and saved[name] != value}
+
+
+def refuse_changed_settings(saved, flags, checkpoint):
+    """Stop, before anything loads, when a flag in REFUSED_ON_RESUME differs from the checkpoint's."""
+    refused = {name: change for name, change in changed_settings(saved, flags).items() if name in REFUSED_ON_RESUME}
+    if refused:
+        listing = "; ".join(f"--{name} {old} → {new} ({REFUSED_ON_RESUME[name]})" for name, (old, new) in refused.items())
+        raise ValueError(f"Cannot resume {checkpoint} with changed settings: {listing}. Pass the checkpoint's"
+                         " values, or start a new run in another `--output_dir`.")
+
+
+def apply_changed_settings(saved, current, args, optimizer, lr_scheduler):
+    """A resumed run with other settings than its checkpoint's. The flags in APPLIED_ON_RESUME act from
+    here on and are said so: a new learning rate (the schedule keeps its shape), the optimizer's betas,
+    epsilon and weight decay (set again after its state was restored from the checkpoint, which brought
+    back the old ones), the gradient clipping; every other change is named in a warning, since the run no
+    longer continues exactly as it would have."""
+    for group in optimizer.param_groups:
+        group.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                     weight_decay=args.adam_weight_decay)
+    changed = {name: change for name, change in changed_settings(saved, current).items() if name not in KEPT_ON_RESUME}
     if "learning_rate" in changed:
-        old, new = changed.pop("learning_rate")
+        old, new = changed["learning_rate"]
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * new / old
         lr_scheduler.scheduler.base_lrs = [base * new / old for base in lr_scheduler.scheduler.base_lrs]
         logger.warning(f"Applying the new learning rate: {old} → {new} (the schedule keeps its shape).")
-    if changed:
-        listing = "; ".join(f"{key} {old} → {new}" for key, (old, new) in changed.items())
+    applied = {name: change for name, change in changed.items() if name in APPLIED_ON_RESUME - {"learning_rate"}}
+    if applied:
+        listing = "; ".join(f"{name} {old} → {new}" for name, (old, new) in applied.items())
+        logger.warning(f"Applying the new settings from here on: {listing}.")
+    warned = {name: change for name, change in changed.items() if name not in APPLIED_ON_RESUME}
+    if warned:
+        listing = "; ".join(f"{name} {old} → {new}" for name, (old, new) in warned.items())
         logger.warning(f"Resuming with changed settings, so the run does not continue exactly as it would have: {listing}.")
 
 

@@ -15,9 +15,15 @@ import signal
 import numpy as np
 import torch
 from accelerate.logging import get_logger
+from datasets import Image as ImageFeature
+from datasets import concatenate_datasets
+from datasets.distributed import split_dataset_by_node
+from safetensors.torch import load_file, save_file
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 
-from .data import inspect_sample, stored_sample, undecoded_images
+from .data import inspect_sample, refuse_or_skip, stored_sample, undecoded_images
+from .files import replaced_atomically
 from .images import load_upright_rgb
 
 logger = get_logger(__name__)
@@ -43,6 +49,20 @@ def nearest_bucket(height, width, buckets):
     """The bucket whose aspect ratio is closest to the image's (compared in log space)."""
     ratio = math.log(height / width)
     return min(buckets, key=lambda bucket: abs(math.log(bucket[0] / bucket[1]) - ratio))
+
+
+def target_size(size, resolution, buckets=None):
+    """The size a (height, width) image trains at: its nearest bucket with --aspect_ratio_buckets, else
+    the square resolution. The one rule, for loaded data and streams alike."""
+    return nearest_bucket(*size, buckets) if buckets else (resolution, resolution)
+
+
+def latent_cache_conflicts(args):
+    """The flags the latent cache cannot be combined with (it stores one centre crop per image): for the
+    trainer's check and the memory planner's suggestions alike."""
+    conflicts = [f"--{flag}" for flag in ("streaming", "random_crop", "random_flip", "aspect_ratio_buckets")
+                 if getattr(args, flag)]
+    return conflicts + (["--conditioning_type canny"] if args.conditioning_type == "canny" else [])
 
 
 def plan_batches(targets, batch_size, rng):
@@ -96,8 +116,6 @@ def stored_image_bytes(value):
 
 def latent_cache_keys(dataset, image_column, vae_id, resolution):
     """One key per row: the image's stored bytes, the VAE and the resolution."""
-    from datasets import Image as ImageFeature
-
     stored = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
     keys = []
     for sample in stored:
@@ -112,8 +130,6 @@ def latent_cache_path(cache_dir, key):
 
 
 def load_cached_latents(path):
-    from safetensors.torch import load_file
-
     return load_file(path)
 
 
@@ -122,8 +138,6 @@ def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_o
     """Encode every image whose latent distribution is not cached yet (each process its share), as
     `pixels_of(image)` makes it the VAE's input (the trainer's centre crop), stored as float16 mean and
     std. Returns how many this process encoded."""
-    from safetensors.torch import save_file
-
     missing = [
         row
         for row, key in enumerate(keys)
@@ -142,9 +156,8 @@ def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_o
         for row, mean, std in zip(rows, distribution.mean, distribution.std):
             path = latent_cache_path(cache_dir, keys[row])
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp_path = f"{path}.{os.getpid()}.tmp"
-            save_file({"mean": mean.half().cpu().contiguous(), "std": std.half().cpu().contiguous()}, tmp_path)
-            os.replace(tmp_path, path)  # readers never see a partial file
+            with replaced_atomically(path) as tmp_path:  # readers never see a partial file
+                save_file({"mean": mean.half().cpu().contiguous(), "std": std.half().cpu().contiguous()}, tmp_path)
         progress.update(len(rows))
     progress.close()
     accelerator.wait_for_everyone()
@@ -223,15 +236,12 @@ class PlannedPairs(torch.utils.data.Dataset):
         except Exception as error:
             files = [value["path"] for value in sample.values() if isinstance(value, dict) and value.get("path")]
             records = os.path.dirname(self.dataset.cache_files[0]["filename"]) if self.dataset.cache_files else None
-            message = (
+            problem = (
                 f"Training sample at row {row} ({', '.join(files) or 'stored in the dataset'}) failed mid-training:"
-                f" {type(error).__name__}: {error}. It passed the sample check, so a file changed since: fix it"
-                + (f" and delete the check's record (t2i_sample_check-*.json in {records})," if records else ",")
-                + " then start again; or pass --skip_bad_samples."
+                f" {type(error).__name__}: {error}. It passed the sample check, so a file changed since"
             )
-            if not self.skip_bad_samples:
-                raise ValueError(message) from error
-            logger.warning(message.replace("; or pass --skip_bad_samples.", ". Skipped."), main_process_only=False)
+            record = f" and delete the check's record (t2i_sample_check-*.json in {records})" if records else ""
+            refuse_or_skip(problem, self.skip_bad_samples, f"Fix it{record}, then start again", error)
             return None
 
 
@@ -252,9 +262,6 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         self.state = {"epoch": 0, "window": 0, "stream": None, "done": 0}
 
     def epoch_stream(self, epoch):
-        from datasets import concatenate_datasets
-        from datasets.distributed import split_dataset_by_node
-
         num_shards = self.stream.num_shards
         order = np.random.default_rng([self.seed, epoch]).permutation(num_shards).tolist()
         stream = concatenate_datasets([self.stream.shard(num_shards, index) for index in order])
@@ -266,14 +273,10 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         for sample in window:
             problem, size = inspect_sample(*stored_sample(sample, self.args))
             if problem is not None:
-                name = sample.get("__key__", "?")
-                if not self.args.skip_bad_samples:
-                    raise ValueError(f"Bad training sample {name!r}: {problem}. Fix it, or pass --skip_bad_samples.")
-                logger.warning(f"Skipping training sample {name!r}: {problem}.")
+                refuse_or_skip(f"Bad training sample {sample.get('__key__', '?')!r}: {problem}", self.args.skip_bad_samples)
                 continue
             good.append(sample)
-            resolution = self.args.resolution
-            targets.append(nearest_bucket(*size, self.buckets) if self.buckets else (resolution, resolution))
+            targets.append(target_size(size, self.args.resolution, self.buckets))
         seeds = rng.integers(2**63, size=len(good)).tolist()
         return [
             [(good[i], targets[i], seeds[i]) for i in batch]
@@ -353,17 +356,12 @@ def make_train_dataloader(train_data, transform, args, seed, rank, world_size, m
     (bucket sides are multiples of it). Returns (loader, batches per epoch on this process, or None
     for a stream).
     """
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
     dataset, sizes = train_data.dataset, train_data.sizes
     buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
-    if sizes is None:  # a stream; it yields whole batches
+    if train_data.streamed:  # it yields whole batches
         batches = StreamingBatches(dataset, transform, args, seed, rank, world_size, buckets)
         return StatefulDataLoader(batches, batch_size=None, **loader_options(args, seed)), None
-    if buckets:
-        targets = [nearest_bucket(*size, buckets) for size in sizes]
-    else:
-        targets = [(args.resolution, args.resolution)] * len(sizes)
+    targets = [target_size(size, args.resolution, buckets) for size in sizes]
     sampler = PlannedBatchSampler(targets, args.train_batch_size, seed, rank, world_size)
     batches_per_epoch = sampler.batches_per_epoch()
     if batches_per_epoch == 0:

@@ -19,11 +19,16 @@ import unittest.mock
 import weakref
 
 import torch
+import transformers
 from accelerate.logging import get_logger
+from accelerate.utils import convert_outputs_to_fp32
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, T2IAdapter, UNet2DConditionModel
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from . import configs
+from . import configs, loader
 
 logger = get_logger(__name__)
 
@@ -105,9 +110,6 @@ class PaddedTokenizer:
 def model_configs(options, trainer, size=None):
     """{name: (class, config)} of the UNet, VAE, both text encoders and the adapter, plus the scheduler
     and tokenizers, for `size` "sdxl" (the real SDXL's configs) or a model folder's own configs."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, T2IAdapter, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     if size in ("sdxl", "sdxl-narrow"):
         unet_config, vae_config = dict(configs.SDXL_UNET), dict(configs.SDXL_VAE)
         if size == "sdxl-narrow":  # a fifth of the widths: the same blocks, depths and 64-channel heads
@@ -118,8 +120,6 @@ def model_configs(options, trainer, size=None):
                                            timestep_spacing="leading", steps_offset=1)
         tokenizers = [PaddedTokenizer(config.max_position_embeddings, config.eos_token_id) for _, config in text]
     else:
-        import transformers
-
         base, flag = options.pretrained_model_name_or_path, "--pretrained_model_name_or_path"
         hub = {"revision": options.revision, "cache_dir": options.cache_dir}
         unet_config = configs.load_model_config(UNet2DConditionModel, base, "unet", options, flag)
@@ -186,8 +186,6 @@ class PlanningAccelerator:
     register_load_state_pre_hook = register_save_state_pre_hook
 
     def prepare(self, adapter, optimizer, lr_scheduler):
-        from accelerate.utils import convert_outputs_to_fp32
-
         if self.mixed_precision in ("fp16", "bf16"):
             autocast = torch.autocast(self.device.type, dtype=self.weight_dtype)
             adapter.forward = convert_outputs_to_fp32(autocast(adapter.forward))
@@ -284,27 +282,25 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True):
     """Run a training step of the trainer's code, as a step after the first, on fake tensors (or, with
     fake=False, on real ones on the CPU) and return what it holds: weights by component, gradients, optimizer state and
     the peak of everything, with the phase it falls in and what it is made of."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     # Planned as eager PyTorch attention: torch.compile and xformers kernels cannot run on fake CPU tensors.
     options = argparse.Namespace(**{**vars(options), "torch_compile": False,
                                     "enable_xformers_memory_efficient_attention": False})
     block = CUDA_BLOCK_BYTES if device_type == "cuda" else 1
     models, scheduler, tokenizers = model_configs(options, trainer, size)
-    components = {name: build_on_meta(*spec) for name, spec in models.items()}
-    components["text_encoders"] = [components.pop("text_encoder"), components.pop("text_encoder_2")]
-    components.update(noise_scheduler=scheduler, tokenizers=tokenizers)
-    components["adapter"].requires_grad_(True).train()
-    for model in (*components["text_encoders"], components["vae"], components["unet"]):
+    built = {name: build_on_meta(*spec) for name, spec in models.items()}
+    components = trainer.Models(scheduler, tokenizers, [built["text_encoder"], built["text_encoder_2"]], built["vae"],
+                                built["unet"], built["adapter"])
+    components.adapter.requires_grad_(True).train()
+    for model in (*components.text_encoders, components.vae, components.unet):
         model.requires_grad_(False)
     # The trainer's placement and dtypes, free on the meta device; then each model made fake or real.
     weight_dtype = trainer.set_up_models(components, options, PlanningAccelerator(options.mixed_precision, torch.device("meta"), trainer))
     accelerator = PlanningAccelerator(options.mixed_precision, torch.device("cpu"), trainer)
-    sigmas = trainer.sigma_table(scheduler)
-    on_device = {"unet": components["unet"], "text_encoder": components["text_encoders"][0],
-                 "text_encoder_2": components["text_encoders"][1], "adapter": components["adapter"]}
+    sigmas = components.sigmas_by_timestep
+    on_device = {"unet": components.unet, "text_encoder": components.text_encoders[0],
+                 "text_encoder_2": components.text_encoders[1], "adapter": components.adapter}
     if not options.cache_latents:  # with the latent cache the trainer moves the VAE off the GPU
-        on_device["vae"] = components["vae"]
+        on_device["vae"] = components.vae
 
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     bits = modelled_bitsandbytes() if options.use_8bit_adam else contextlib.nullcontext()
@@ -312,9 +308,9 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True):
     with mode, bits:
         for model in on_device.values():
             materialise(model, fake)
-        adapter_params = list(components["adapter"].parameters())
+        adapter_params = list(components.adapter.parameters())
         weights = {name: storage_bytes([*m.parameters(), *m.buffers()], block) for name, m in on_device.items()}
-        adapter, optimizer, lr_scheduler = trainer.build_training(components["adapter"], options, accelerator, 10)
+        adapter, optimizer, lr_scheduler = trainer.build_training(components.adapter, options, accelerator, 10)
 
         def optimizer_state():
             return storage_bytes([t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)], block)
@@ -342,8 +338,8 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True):
             optimizer.step()
             optimizer.zero_grad(set_to_none=options.set_grads_to_none)
             counter.phase = "batch and VAE encode"
-            batch = make_batch(options, components["vae"].config.latent_channels,
-                               configs.vae_scale_factor(components["vae"].config))
+            batch = make_batch(options, components.vae.config.latent_channels,
+                               configs.vae_scale_factor(components.vae.config))
             loss = trainer.batch_loss(batch, components, adapter, sigmas, options, weight_dtype, accelerator.device,
                                     PhaseHooks(counter, trainer.RunHooks()))
             del batch
@@ -381,8 +377,7 @@ def fitting_changes(options, free_bytes, plan):
         changes.append(({"gradient_checkpointing": True}, "--gradient_checkpointing"))
     if not options.use_8bit_adam:
         changes.append(({"use_8bit_adam": True}, "--use_8bit_adam"))
-    if not options.cache_latents and not (options.random_crop or options.random_flip or options.aspect_ratio_buckets
-                                          or options.streaming or options.conditioning_type == "canny"):
+    if not options.cache_latents and not loader.latent_cache_conflicts(options):
         changes.append(({"cache_latents": True}, "--cache_latents"))
     batch, accumulation = options.train_batch_size, options.gradient_accumulation_steps
     while batch > 1:

@@ -116,7 +116,7 @@ def test_the_upstream_row_runs_the_trainer_as_upstream_does(tiny_sdxl, fill_data
     for row in ("upstream", "ours"):
         calls.clear()
         reports[row] = benchmark.run_tiny_row(row, options)
-        unet_has_gradients = any(p.grad is not None for p in loaded[-1]["unet"].parameters())
+        unet_has_gradients = any(p.grad is not None for p in loaded[-1].unet.parameters())
         if row == "upstream":
             assert calls == {"encode_prompt": 1}  # one batched precompute of all 32 captions, nothing after
             assert reports[row]["text_cache_mb"] > 0 and unet_has_gradients

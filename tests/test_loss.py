@@ -195,7 +195,7 @@ def tiny_models(tiny_sdxl, fill_data, tmp_path_factory):
         components = train.load_models(args, adapter_config)
     finally:
         PartialState._reset_state()
-    return {**components, "scheduler": components["noise_scheduler"]}
+    return {**vars(components), "scheduler": components.noise_scheduler}
 
 
 def test_loss_with_real_tiny_unet_and_adapter_matches_the_reference_formula(tiny_models):

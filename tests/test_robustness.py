@@ -248,22 +248,22 @@ def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sd
     opened = []
     monkeypatch.setattr(data, "inspect_sample", lambda *sample: opened.append(sample) or inspect_sample(*sample))
 
-    first, first_sizes, _ = data.load_train_dataset(args, seed=0)
+    first, first_sizes, *_ = data.load_train_dataset(args, 0, data.recorded_scan_samples)
     assert len(opened) == 32
     assert len(list((tmp_path / "cache").rglob("t2i_sample_check-*.json"))) == 1
-    second, second_sizes, _ = data.load_train_dataset(args, seed=0)
+    second, second_sizes, *_ = data.load_train_dataset(args, 0, data.recorded_scan_samples)
     assert len(opened) == 32
     assert list(second["text"]) == list(first["text"])
     assert second_sizes == first_sizes == [(64, 64)] * 32
 
     monkeypatch.setattr(data, "SAMPLE_CHECK_RULES", data.SAMPLE_CHECK_RULES + 1)
-    data.load_train_dataset(args, seed=0)
+    data.load_train_dataset(args, 0, data.recorded_scan_samples)
     assert len(opened) == 64
 
     image = folder / "train" / "images" / "00003.png"
     image.write_bytes(image.read_bytes()[:60])
     with pytest.raises(ValueError, match=r"1 bad training sample\(s\).*unreadable image"):
-        data.load_train_dataset(args, seed=0)
+        data.load_train_dataset(args, 0, data.recorded_scan_samples)
     assert len(opened) == 96
 
 
@@ -282,11 +282,11 @@ def test_a_file_rewritten_with_its_old_time_is_checked_again(tiny_sdxl, fill_dat
     args = train.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", str(folder),
                              "--cache_dir", str(tmp_path / "cache")])
     PartialState()  # accelerate's logger needs its state
-    data.load_train_dataset(args, seed=0)
+    data.load_train_dataset(args, 0, data.recorded_scan_samples)
     image = folder / "train" / "images" / "00003.png"
     rewrite_keeping_times(image, image.read_bytes()[:60])
     with pytest.raises(ValueError, match=r"1 bad training sample\(s\).*unreadable image"):
-        data.load_train_dataset(args, seed=0)
+        data.load_train_dataset(args, 0, data.recorded_scan_samples)
 
 
 def test_a_file_that_breaks_after_its_check_stops_naming_it_or_is_skipped(tiny_sdxl, fill_data, tmp_path):

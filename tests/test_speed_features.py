@@ -20,7 +20,7 @@ def tiny_models(tiny_sdxl, fill_data):
     adapter_config = train.check_inputs(args)
     PartialState()  # accelerate's logger needs its state
     torch.manual_seed(0)
-    return {"args": args, **train.load_models(args, adapter_config)}
+    return {"args": args, **vars(train.load_models(args, adapter_config))}
 
 
 def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_data, tmp_path):
@@ -29,7 +29,7 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
     from accelerate import Accelerator
 
     m = tiny_models
-    dataset = data.load_train_dataset(m["args"], seed=0)[0].select(range(4))
+    dataset = data.load_train_dataset(m["args"], 0, data.recorded_scan_samples)[0].select(range(4))
     keys = loader.latent_cache_keys(dataset, "image", loader.vae_fingerprint(m["vae"]), RESOLUTION)
     def pixels_of(image):
         return train.to_training_pixels(train.centre_crop(image, RESOLUTION))
@@ -64,7 +64,7 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
 
 def test_latent_cache_keys_follow_image_content_vae_and_resolution(tiny_models, fill_data):
     m = tiny_models
-    dataset = data.load_train_dataset(m["args"], seed=0)[0].select(range(3))
+    dataset = data.load_train_dataset(m["args"], 0, data.recorded_scan_samples)[0].select(range(3))
     vae_id = loader.vae_fingerprint(m["vae"])
     keys = loader.latent_cache_keys(dataset, "image", vae_id, RESOLUTION)
     assert len(set(keys)) == 3
@@ -197,8 +197,9 @@ def test_cached_latents_reach_the_device_of_the_step():
 
     batch = {"latent_mean": torch.zeros(2, 4, 8, 8, dtype=torch.float16), "latent_std": torch.ones(2, 4, 8, 8),
              "conditioning_pixel_values": torch.zeros(2, 3, 64, 64), "captions": ["a", "b"]}
-    components = {"vae": types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=0.13025)), "unet": None,
-                  "noise_scheduler": types.SimpleNamespace(config=types.SimpleNamespace(prediction_type="epsilon"))}
+    components = types.SimpleNamespace(vae=types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=0.13025)),
+                                       unet=None,
+                                       noise_scheduler=types.SimpleNamespace(config=types.SimpleNamespace(prediction_type="epsilon")))
     args = types.SimpleNamespace(proportion_empty_prompts=0.0, micro_conditioning=False, aspect_ratio_buckets=False,
                                  resolution=64, crops_coords_top_left_h=0, crops_coords_top_left_w=0)
     train.batch_loss(batch, components, None, None, args, torch.float32, torch.device("meta"), Hooks())

@@ -317,55 +317,56 @@ def row_files(dataset):
 
 
 def test_validation_pairs_are_held_out_of_training_the_same_for_the_same_seed(fill_data, accelerate_state):
-    everything = data.load_training_data(data_args(fill_data), seed=0)
+    everything = data.load_training_data(data_args(fill_data), 0, data.recorded_scan_samples)
     assert everything.control_pairs is None and len(everything.dataset) == 32
-    held = data.load_training_data(data_args(fill_data, "--validation_pairs", 4), seed=0)
+    held = data.load_training_data(data_args(fill_data, "--validation_pairs", 4), 0, data.recorded_scan_samples)
     pairs, trained = row_files(held.control_pairs), row_files(held.dataset)
     assert len(pairs) == 4 and len(trained) == 28 and len(held.sizes) == 28
     assert not set(pairs) & set(trained) and set(pairs) | set(trained) == set(row_files(everything.dataset))
-    assert row_files(data.load_training_data(data_args(fill_data, "--validation_pairs", 4), seed=0).control_pairs) == pairs
-    assert row_files(data.load_training_data(data_args(fill_data, "--validation_pairs", 4), seed=1).control_pairs) != pairs
+    assert row_files(data.load_training_data(data_args(fill_data, "--validation_pairs", 4), 0, data.recorded_scan_samples).control_pairs) == pairs
+    assert row_files(data.load_training_data(data_args(fill_data, "--validation_pairs", 4), 1, data.recorded_scan_samples).control_pairs) != pairs
     # --max_train_samples draws from what is left after holding out.
-    capped = data.load_training_data(data_args(fill_data, "--validation_pairs", 4, "--max_train_samples", 20), seed=0)
+    capped = data.load_training_data(data_args(fill_data, "--validation_pairs", 4, "--max_train_samples", 20), 0, data.recorded_scan_samples)
     assert row_files(capped.control_pairs) == pairs and not set(pairs) & set(row_files(capped.dataset))
 
 
 def test_holding_out_every_sample_is_refused(fill_data, accelerate_state):
     with pytest.raises(ValueError, match="--validation_pairs. 32 would hold out the whole training set"):
-        data.load_training_data(data_args(fill_data, "--validation_pairs", 32), seed=0)
+        data.load_training_data(data_args(fill_data, "--validation_pairs", 32), 0, data.recorded_scan_samples)
 
 
 def test_a_validation_set_gives_its_first_pairs_and_leaves_training_whole(fill_data, tmp_path, accelerate_state):
     from make_fill_dataset import build_fill_dataset
 
     other = build_fill_dataset(tmp_path / "other", num_samples=24, resolution=64, seed=5, num_validation=0)
-    loaded = data.load_training_data(data_args(fill_data, "--validation_data_dir", other["imagefolder"]), seed=0)
+    loaded = data.load_training_data(data_args(fill_data, "--validation_data_dir", other["imagefolder"]), 0, data.recorded_scan_samples)
     assert len(loaded.dataset) == 32 and len(loaded.control_pairs) == 16  # DEFAULT_VALIDATION_PAIRS
     assert set(row_files(loaded.control_pairs)) <= set(row_files(data.open_dataset(other["imagefolder"], data_args(other))["train"]))
     loaded = data.load_training_data(
-        data_args(fill_data, "--validation_data_dir", other["imagefolder"], "--validation_pairs", 6), seed=0
+        data_args(fill_data, "--validation_data_dir", other["imagefolder"], "--validation_pairs", 6), 0, data.recorded_scan_samples
     )
     assert len(loaded.control_pairs) == 6
     with pytest.raises(ValueError, match="has 24 sample.s. in 'train'; 30 are needed"):
         data.load_training_data(
-            data_args(fill_data, "--validation_data_dir", other["imagefolder"], "--validation_pairs", 30), seed=0
+            data_args(fill_data, "--validation_data_dir", other["imagefolder"], "--validation_pairs", 30), 0, data.recorded_scan_samples
         )
     with pytest.raises(ValueError, match="--conditioning_image_column. value 'condition' not found"):
         data.load_training_data(data_args(fill_data, "--validation_data_dir", other["imagefolder"],
-                                           "--conditioning_image_column", "condition"), seed=0)
+                                           "--conditioning_image_column", "condition"), 0,
+                                data.recorded_scan_samples)
 
 
 def test_a_stream_takes_its_pairs_from_the_validation_set(fill_data, tmp_path, accelerate_state):
     loaded = data.load_training_data(data_args(fill_data, "--streaming", "--max_train_steps", 2,
                                               "--validation_data_dir", fill_data["imagefolder"], "--validation_pairs", 3),
-                                    seed=0)
+                                     0, data.recorded_scan_samples)
     assert loaded.sizes is None and len(loaded.control_pairs) == 3
 
 
 def test_control_pairs_are_centre_crops_whatever_the_augmentation_and_leave_the_rngs_alone(tiny_sdxl, fill_data, accelerate_state):
     plain = data_args(fill_data, "--validation_pairs", 4)
     augmented = data_args(fill_data, "--validation_pairs", 4, "--random_crop", "--random_flip")
-    rows = data.load_training_data(plain, seed=0).control_pairs
+    rows = data.load_training_data(plain, 0, data.recorded_scan_samples).control_pairs
     first, second = train.control_pair_batch(rows, plain), train.control_pair_batch(rows, augmented)
     assert torch.equal(first["pixel_values"], second["pixel_values"])
     assert torch.equal(first["conditioning_pixel_values"], second["conditioning_pixel_values"])
@@ -378,8 +379,8 @@ def test_control_pairs_are_centre_crops_whatever_the_augmentation_and_leave_the_
     assert (random.getstate(), torch.get_rng_state().tolist()) == (states[0], states[1].tolist())
     assert all(torch.equal(a, b) for a, b in zip(pairs, again))
     assert pairs.latents.shape == (4, 4, 8, 8) and pairs.time_ids.shape == (4, 6)
-    scheduler = components["noise_scheduler"]
-    loss = train.pair_loss(components["unet"], components["adapter"], train.sigma_table(scheduler),
+    scheduler = components.noise_scheduler
+    loss = train.pair_loss(components.unet, components.adapter, train.sigma_table(scheduler),
                            scheduler.config.prediction_type, torch.float32)
     score = control.conditioning_gain(loss, pairs, 1000, batch_size=3)
     # The batch size bounds memory only: the noise and timesteps of each pair are the same.
