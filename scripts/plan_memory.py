@@ -27,7 +27,7 @@ What is modelled, and what is not:
 The engine is t2i_train/memory.py, handed the trainer; this file is its command line and tables.
 
 Calibration: `--measure` runs the same step on real tensors (zeroed weights, on the CPU) with the
-same counter, and tests/test_plan_memory.py asserts that plan and measurement agree.
+same counter, and tests/test_memory.py asserts that plan and measurement agree.
 
 Examples:
   python scripts/plan_memory.py --size sdxl --resolution 1024 --train_batch_size 16 --mixed_precision bf16

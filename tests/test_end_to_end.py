@@ -2,6 +2,7 @@
 trackers and the Hub upload path."""
 
 import glob
+import math
 import os
 import shutil
 import subprocess
@@ -192,13 +193,21 @@ def test_push_to_hub_uploads_the_adapter_and_model_card(tiny_sdxl, fill_data, tm
 
 def test_parquet_dataset_bf16_accumulation_and_gradient_checkpointing(tiny_sdxl, fill_data, tmp_path):
     """--dataset_name on a local parquet folder, bf16 mixed precision (upstream crashes, defect 21),
-    gradient accumulation and gradient checkpointing together: a short run completes."""
+    gradient accumulation and gradient checkpointing together: a short run completes, logs a finite
+    loss at each of its 2 steps and moves the adapter's weights away from the starting ones."""
+    initial = save_initial_adapter(tiny_sdxl, str(tmp_path / "initial"))
     argv = training_argv(tiny_sdxl, fill_data, tmp_path, "--max_train_steps", 2, "--gradient_accumulation_steps", 2,
-                         "--mixed_precision", "bf16", "--gradient_checkpointing", "--set_grads_to_none")
+                         "--mixed_precision", "bf16", "--gradient_checkpointing", "--set_grads_to_none",
+                         "--adapter_model_name_or_path", initial)
+    argv[argv.index("--report_to") + 1] = "tensorboard"
     index = argv.index("--train_data_dir")
     argv[index:index + 2] = ["--dataset_name", str(fill_data["parquet"])]
     assert run_training(argv) == 2
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loss = tensorboard_scalars(tmp_path / "logs")["loss"]
+    assert [step for step, _ in loss] == [1, 2]
+    assert all(math.isfinite(value) for _, value in loss), loss
+    assert max_weight_difference(load_adapter_weights(initial), load_adapter_weights(tmp_path)) > 0
 
 
 def test_gradient_checkpointing_does_not_change_the_result(tiny_sdxl, fill_data, tmp_path):

@@ -2,7 +2,7 @@
 
 The planner runs a training step of the trainer's code on fake tensors; calibration runs the same step
 on real tensors on the CPU with the same allocation counter, and the two must agree within 10 %.
-Run: bash scripts/test.sh tests/test_plan_memory.py
+Run: bash scripts/test.sh tests/test_memory.py
 """
 
 import argparse
