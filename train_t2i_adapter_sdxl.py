@@ -644,7 +644,7 @@ class PairTransform:
     canny the condition is the edge map of the final crop; with cached latents the image is not
     decoded, only its size read."""
 
-    def __init__(self, args, augment=True):
+    def __init__(self, args, augment=True):  # args: the run's data.DataConfig
         self.image_column = args.image_column
         self.conditioning_image_column = args.conditioning_image_column
         self.caption_column = args.caption_column
@@ -962,7 +962,7 @@ def log_validation_images(image_logs, trackers, step):
 # every validation (so that the curve moves only with the adapter). Forward passes only.
 
 
-def control_pair_batch(rows, args):
+def control_pair_batch(rows, args):  # args: a data.DataConfig
     """Rows of a dataset as one batch of the trainer's tensors: centre crops at --resolution, never
     augmented; each pair's canny thresholds (--conditioning_type canny) drawn from its index."""
     rows = data.undecoded_images(rows, args)
@@ -995,12 +995,12 @@ def prepare_control_pairs(batch, components, args, device, seed=control.CONTROL_
     )
 
 
-def control_pairs_for(train_data, components, args, accelerator):
+def control_pairs_for(train_data, components, args, data_config, accelerator):
     """The validation pairs, prepared on the main process (which alone validates); None without them.
     Called while the VAE is still on the device (--cache_latents moves it off afterwards)."""
     if train_data.control_pairs is None or not accelerator.is_main_process:
         return None
-    batch = control_pair_batch(train_data.control_pairs, args)
+    batch = control_pair_batch(train_data.control_pairs, data_config)
     return prepare_control_pairs(batch, components, args, accelerator.device)
 
 
@@ -1248,14 +1248,15 @@ def set_up_models(components, args, accelerator):
     return weight_dtype
 
 
-def latent_files_for(train_data, components, args, accelerator):
+def latent_files_for(train_data, components, args, data_config, accelerator):
     """With --cache_latents, each row's cached latent file (encoded now where missing); else None."""
     if not args.cache_latents:
         return None
+
     def pixels_of(image):  # what the transform makes of an image without random placement
         return to_training_pixels(centre_crop(image, args.resolution))
 
-    latent_files = loader.cache_latents(train_data[0], components.vae, args, accelerator, pixels_of)
+    latent_files = loader.cache_latents(train_data.dataset, components.vae, data_config, accelerator, pixels_of)
     if accelerator.device.type != "cpu":
         components.vae.to("cpu")  # only validation decodes now: free its GPU memory in between
     return latent_files
@@ -1532,18 +1533,20 @@ def training_run(args, adapter_config, accelerator, hooks):
     resume_path, resumed_data_state = lifecycle.find_resume_point(args, accelerator)
     seed, run = lifecycle.run_identity(args, accelerator, resumed_data_state)
     set_seed(seed, device_specific=True)  # each process its own noise; DDP keeps the adapters in step
+    data_config = data.DataConfig.from_args(args)  # what the data code reads of the flags, once
     with accelerator.main_process_first():  # data first: a bad column fails before any model loads
-        train_data = data.load_training_data(args, seed, hooks.check_samples)
+        train_data = data.load_training_data(data_config, seed, hooks.check_samples)
     repo_id = create_hub_repo(args, accelerator)
 
     memory.check_memory_fits(args, accelerator, trainer=sys.modules[__name__])  # the planner runs this file's step
     components = load_models(args, adapter_config)
     weight_dtype = set_up_models(components, args, accelerator)
     sigmas_by_timestep = components.sigmas_by_timestep.to(accelerator.device)
-    control_pairs = control_pairs_for(train_data, components, args, accelerator)
+    control_pairs = control_pairs_for(train_data, components, args, data_config, accelerator)
     train_dataloader, batches_per_epoch = loader.make_train_dataloader(
-        train_data, PairTransform(args), args, seed, accelerator.process_index, accelerator.num_processes,
-        configs.adapter_total_downscale(adapter_config), latent_files_for(train_data, components, args, accelerator),
+        train_data, PairTransform(data_config), data_config, seed, accelerator.process_index,
+        accelerator.num_processes, configs.adapter_total_downscale(adapter_config),
+        latent_files_for(train_data, components, args, data_config, accelerator),
     )
     max_train_steps = total_steps(args, batches_per_epoch)
     adapter, optimizer, lr_scheduler = build_training(components.adapter, args, accelerator, max_train_steps)

@@ -52,10 +52,12 @@ def main(argv=None):
     ])
     components = train.load_models(args, train.check_inputs(args))
     adapter = components.adapter
-    training_data = train.data.load_training_data(args, 0, train.data.recorded_scan_samples)
+    data_config = train.data.DataConfig.from_args(args)
+    training_data = train.data.load_training_data(data_config, 0, train.data.recorded_scan_samples)
     device, weight_dtype = torch.device("cpu"), torch.float32
-    pairs = train.prepare_control_pairs(train.control_pair_batch(training_data.control_pairs, args), components, args, device)
-    batch = train.control_pair_batch(training_data.dataset.select(range(options.train_batch_size)), args)
+    pairs = train.prepare_control_pairs(train.control_pair_batch(training_data.control_pairs, data_config),
+                                        components, args, device)
+    batch = train.control_pair_batch(training_data.dataset.select(range(options.train_batch_size)), data_config)
     scheduler = components.noise_scheduler
     sigmas = train.sigma_table(scheduler)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5)

@@ -108,15 +108,18 @@ def held_out_samples(num_samples, resolution=64, data_seed=1):
     return [make_fill_sample(rng, resolution) for _ in range(num_samples)]
 
 
-def trainer_args(args):
-    """The trainer's flags that its data functions read, from ours."""
+def data_config(args):
+    """What the trainer's data code and transform read, from our flags."""
+    return data.DataConfig(resolution=args.resolution, image_column=args.image_column,
+                           conditioning_image_column=args.conditioning_image_column,
+                           caption_column=args.caption_column, conditioning_type=args.conditioning_type)
+
+
+def trainer_flags(args):
+    """The trainer's own flags at their defaults but the resolution: how its step makes the pairs' text
+    embeddings and micro-conditioning (prepare_control_pairs)."""
     return train.build_parser().parse_args([
-        "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
-        "--resolution", str(args.resolution),
-        "--image_column", args.image_column,
-        "--conditioning_image_column", args.conditioning_image_column,
-        "--caption_column", args.caption_column,
-        "--conditioning_type", args.conditioning_type,
+        "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--resolution", str(args.resolution),
     ])
 
 
@@ -135,10 +138,10 @@ def dataset_rows(args, count):
     """The first `count` rows of --data_dir / --dataset_name's split."""
     from datasets import Dataset
 
-    splits = data.open_dataset(args.data_dir or args.dataset_name, trainer_args(args))
+    splits = data.open_dataset(args.data_dir or args.dataset_name, data_config(args))
     split = args.split or next((name for name in ("validation", "test", "train") if name in splits), next(iter(splits)))
     rows = splits[split]
-    data.check_columns(rows.column_names, trainer_args(args))
+    data.check_columns(rows.column_names, data_config(args))
     if not isinstance(rows, Dataset) or len(rows) < 2:
         raise SystemExit(f"The split {split!r} has {len(rows)} rows; the gain needs at least 2.")
     return rows.select(range(min(count, len(rows))))
@@ -332,8 +335,8 @@ def main(argv=None):
     else:
         samples = held_out_samples(count, args.resolution, args.data_seed)
         rows = fill_rows(samples)
-    args_for_trainer = trainer_args(args)
-    batch = train.control_pair_batch(rows, args_for_trainer)
+    args_for_trainer = trainer_flags(args)
+    batch = train.control_pair_batch(rows, data_config(args))
     components = load_models(args)
     adapter = components.adapter
     adapter_label = args.adapter or "untrained adapter"

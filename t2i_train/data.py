@@ -4,7 +4,7 @@ trained on, and the pairs held out for the conditioning gain.
 One path for every mode. The training split is loaded whole or streamed, and every sample is checked
 before it is trained on (or read back from the record of an earlier check of the same files)."""
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +30,41 @@ SPLIT_FOLDERS = ("train", "test", "validation")  # a local folder's split folder
 # A split's name as `datasets` finds it in a file's path; a folder with one elsewhere is left to `datasets`.
 SPLIT_WORD = re.compile(r"(^|[-._ /])(train|training|test|testing|eval|evaluation|valid|validation|dev)([-._ /0-9]|$)")
 DEFAULT_VALIDATION_PAIRS = 16  # conditioning-gain pairs taken from a validation set unless told otherwise
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the data code, the loader and the transform read of the command line, built once from it
+    (`from_args`) and passed instead of the whole namespace. A program other than the trainer
+    (scripts/evaluate.py) builds one directly: every field has the trainer's default."""
+
+    dataset_name: typing.Optional[str] = None
+    train_data_dir: typing.Optional[str] = None
+    dataset_config_name: typing.Optional[str] = None
+    cache_dir: typing.Optional[str] = None
+    image_column: str = "image"
+    conditioning_image_column: str = "conditioning_image"
+    caption_column: str = "text"
+    conditioning_type: str = "image"
+    resolution: int = 1024
+    detection_resolution: typing.Optional[int] = None
+    random_crop: bool = False
+    random_flip: bool = False
+    aspect_ratio_buckets: bool = False
+    train_batch_size: int = 4
+    max_train_samples: typing.Optional[int] = None
+    skip_bad_samples: bool = False
+    streaming: bool = False
+    shuffle_buffer_size: int = 1000
+    dataloader_num_workers: int = 1
+    validation_pairs: typing.Optional[int] = None
+    validation_data_dir: typing.Optional[str] = None
+    validation_dataset_name: typing.Optional[str] = None
+    latent_cache_dir: typing.Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
 def validation_set_location(args):
@@ -322,7 +357,7 @@ def load_validation_set(args, check_samples):
     set, checked like training samples."""
     flag, location = validation_set_location(args)
     try:
-        splits = open_dataset(location, argparse.Namespace(**{**vars(args), "dataset_config_name": None}))
+        splits = open_dataset(location, dataclasses.replace(args, dataset_config_name=None))
     except Exception as error:
         raise ValueError(f"`{flag}` {location!r} could not be loaded as a dataset: {error}") from error
     split = next((name for name in ("validation", "train") if name in splits), next(iter(splits)))

@@ -143,3 +143,20 @@ def test_the_sample_check_handed_in_reaches_the_training_and_the_validation_set(
                              "--validation_data_dir", fill_data["imagefolder"], "--validation_pairs", "3"])
     loaded = data.load_training_data(args, 0, counting_check)
     assert checked == [32, 3] and len(loaded.control_pairs) == 3
+
+
+def test_the_data_code_takes_one_frozen_config_built_from_the_flags(fill_data, tmp_path, accelerate_state):
+    """DataConfig holds what the data code reads, built once from the command line; a program that is not
+    the trainer builds one directly; a validation set opens with a changed copy, not a forged namespace."""
+    import dataclasses
+
+    args = train.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", fill_data["imagefolder"],
+                             "--validation_data_dir", fill_data["imagefolder"], "--validation_pairs", "3",
+                             "--resolution", "64"])
+    config = data.DataConfig.from_args(args)
+    assert config.train_data_dir == fill_data["imagefolder"] and config.resolution == 64 and config.validation_pairs == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.resolution = 128
+    assert len(data.load_validation_set(config, data.recorded_scan_samples)) == 3
+    direct = data.DataConfig(train_data_dir=fill_data["imagefolder"], resolution=64)
+    assert len(data.load_training_data(direct, 0, data.recorded_scan_samples).dataset) == 32
