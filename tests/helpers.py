@@ -21,8 +21,8 @@ def training_argv(model, data, output_dir, *extra):
     ]
 
 
-def run_training(argv):
-    """Run the training script's main() in this process (much faster than a subprocess).
+def run_training(argv, hooks=None):
+    """Run the training script's main() (with `hooks`, a RunHooks) in this process (much faster than a subprocess).
 
     accelerate keeps process-wide singletons; they are reset so each run starts clean.
     """
@@ -34,7 +34,7 @@ def run_training(argv):
     GradientState._reset_state()
     PartialState._reset_state()
     try:
-        return train.main(train.parse_args(argv))
+        return train.main(train.parse_args(argv), hooks)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

@@ -113,3 +113,37 @@ def test_without_its_package_the_trainer_stops_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "train_t2i_adapter_sdxl.py needs the t2i_train/ package beside it: copy it with the script."
     ]
+
+
+def test_each_rule_has_one_home():
+    """A sample's target size is decided in loader.target_size alone (loaded data and streams alike), the
+    latent cache's conflicts in loader.latent_cache_conflicts alone (the trainer's check and the planner's
+    suggestions), and the global-RNG guard in the trainer's global_rngs_kept alone."""
+    sources = {path: path.read_text() for path in [TRAINER, *PACKAGE]}
+    calls = {name: [path.name for path, text in sources.items() for _ in range(text.count(name))]
+             for name in ("nearest_bucket(", "latent_cache_conflicts(", "getstate()", "fork_rng(")}
+    assert sorted(calls["nearest_bucket("]) == ["loader.py", "loader.py"]  # its definition and target_size
+    assert sorted(calls["latent_cache_conflicts("]) == ["loader.py", "memory.py", "train_t2i_adapter_sdxl.py",
+                                                        "train_t2i_adapter_sdxl.py"]
+    assert calls["getstate()"] == ["train_t2i_adapter_sdxl.py"] and calls["fork_rng("] == ["train_t2i_adapter_sdxl.py"]
+
+
+def test_a_run_builds_the_sigma_table_once_and_names_its_models_and_data_mode(tiny_sdxl, fill_data, tmp_path,
+                                                                               monkeypatch):
+    """The σ table is built once per run (Models.sigmas_by_timestep), not again at each validation; the models
+    come in a typed container and the training data names its mode."""
+    from helpers import run_training
+
+    built, seen = [], {}
+    sigma_table = train.sigma_table
+    monkeypatch.setattr(train, "sigma_table", lambda scheduler: built.append(1) or sigma_table(scheduler))
+
+    class Watch(train.RunHooks):
+        def models_ready(self, components, train_data, args):
+            seen.update(models=type(components).__name__, streamed=train_data.streamed)
+
+    argv = training_argv(tiny_sdxl, fill_data, tmp_path, "--max_train_steps", 2, "--validation_steps", 1,
+                         "--validation_pairs", 4)
+    assert run_training(argv, Watch()) == 2
+    assert built == [1]  # the gain was measured at steps 0, 1 and 2, and the loop ran: one table
+    assert seen == {"models": "Models", "streamed": False}

@@ -141,7 +141,7 @@ def test_the_sample_check_handed_in_reaches_the_training_and_the_validation_set(
 
     args = train.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", fill_data["imagefolder"],
                              "--validation_data_dir", fill_data["imagefolder"], "--validation_pairs", "3"])
-    loaded = data.load_training_data(args, 0, counting_check)
+    loaded = data.load_training_data(data.DataConfig.from_args(args), 0, counting_check)
     assert checked == [32, 3] and len(loaded.control_pairs) == 3
 
 

@@ -308,8 +308,10 @@ def accelerate_state():
 
 
 def data_args(data, *extra):
-    return train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", data["imagefolder"],
-                             "--resolution", "64", *map(str, extra)])
+    """The data config of a command line on `data`, as the trainer builds it."""
+    return train.data.DataConfig.from_args(train.parse_args([
+        "--pretrained_model_name_or_path", "m", "--train_data_dir", data["imagefolder"], "--resolution", "64",
+        *map(str, extra)]))
 
 
 def row_files(dataset):
@@ -370,8 +372,8 @@ def test_control_pairs_are_centre_crops_whatever_the_augmentation_and_leave_the_
     first, second = train.control_pair_batch(rows, plain), train.control_pair_batch(rows, augmented)
     assert torch.equal(first["pixel_values"], second["pixel_values"])
     assert torch.equal(first["conditioning_pixel_values"], second["conditioning_pixel_values"])
-    args = data_args(fill_data, "--validation_pairs", 4)
-    args.pretrained_model_name_or_path = tiny_sdxl
+    args = train.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", fill_data["imagefolder"],
+                             "--resolution", "64", "--validation_pairs", "4"])
     components = train.load_models(args, train.check_inputs(args))
     states = (random.getstate(), torch.get_rng_state())
     pairs = train.prepare_control_pairs(first, components, args, torch.device("cpu"))
