@@ -467,10 +467,10 @@ def check_args(args):
         raise ValueError("`--streaming` needs `--max_train_steps`: a stream's length is not known in advance.")
     if args.streaming and args.max_train_samples is not None:
         raise ValueError("`--max_train_samples` cannot be used with `--streaming`; bound the run with `--max_train_steps`.")
-    if args.cache_latents and loader.latent_cache_conflicts(args):
+    cache_conflicts = loader.latent_cache_conflicts(args)
+    if args.cache_latents and cache_conflicts:
         raise ValueError(
-            "`--cache_latents` stores one centre crop per image and cannot be combined with"
-            f" {', '.join(loader.latent_cache_conflicts(args))}."
+            f"`--cache_latents` stores one centre crop per image and cannot be combined with {', '.join(cache_conflicts)}."
         )
     if args.validation_data_dir is not None and args.validation_dataset_name is not None:
         raise ValueError("Specify only one of `--validation_data_dir` or `--validation_dataset_name`.")

@@ -25,6 +25,7 @@ from .files import write_json_atomically
 
 logger = get_logger(__name__)
 
+ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes
 ADAPTER_SUBFOLDER = "t2iadapter"  # where a checkpoint keeps the adapter in diffusers format
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LOCK_FILE = ".t2i-adapter-training.lock"  # in --output_dir while a run holds it: who holds it
@@ -34,7 +35,7 @@ DATA_STATE_FILE = "data_state_{}.json"  # each process's loader position and the
 # what it reads when it is there (DeepSpeed keeps the optimizer in its own files).
 CHECKPOINT_FILES = (
     "random_states_{}.pkl", DATA_STATE_FILE,
-    os.path.join(ADAPTER_SUBFOLDER, "config.json"), os.path.join(ADAPTER_SUBFOLDER, "diffusion_pytorch_model.safetensors"),
+    os.path.join(ADAPTER_SUBFOLDER, "config.json"), os.path.join(ADAPTER_SUBFOLDER, ADAPTER_WEIGHTS),
 )
 CHECKPOINT_FILES_IF_THERE = ("optimizer.bin", "scheduler.bin")
 # The resume contract. Every flag is compared with the checkpoint's, except these, which may change freely:
@@ -204,7 +205,7 @@ def finished_step(output_dir):
 
 def holds_final_adapter(output_dir):
     """Whether `output_dir` holds a saved final adapter (its weights), whatever its marker says."""
-    return os.path.isfile(os.path.join(output_dir, "diffusion_pytorch_model.safetensors"))
+    return os.path.isfile(os.path.join(output_dir, ADAPTER_WEIGHTS))
 
 
 def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
@@ -371,6 +372,11 @@ def changed_settings(saved, current):
     return {name: (saved[name], value) for name, value in current.items() if name in saved and saved[name] != value}
 
 
+def listed_changes(changes):
+    """{name: (old, new)} as the warnings name them: "name old → new; ..."."""
+    return "; ".join(f"{name} {old} → {new}" for name, (old, new) in changes.items())
+
+
 def refuse_changed_settings(saved, flags, checkpoint):
     """Stop, before anything loads, when a flag in REFUSED_ON_RESUME differs from the checkpoint's."""
     refused = {name: change for name, change in changed_settings(saved, flags).items() if name in REFUSED_ON_RESUME}
@@ -398,12 +404,11 @@ def apply_changed_settings(saved, current, args, optimizer, lr_scheduler):
         logger.warning(f"Applying the new learning rate: {old} → {new} (the schedule keeps its shape).")
     applied = {name: change for name, change in changed.items() if name in APPLIED_ON_RESUME - {"learning_rate"}}
     if applied:
-        listing = "; ".join(f"{name} {old} → {new}" for name, (old, new) in applied.items())
-        logger.warning(f"Applying the new settings from here on: {listing}.")
+        logger.warning(f"Applying the new settings from here on: {listed_changes(applied)}.")
     warned = {name: change for name, change in changed.items() if name not in APPLIED_ON_RESUME}
     if warned:
-        listing = "; ".join(f"{name} {old} → {new}" for name, (old, new) in warned.items())
-        logger.warning(f"Resuming with changed settings, so the run does not continue exactly as it would have: {listing}.")
+        logger.warning("Resuming with changed settings, so the run does not continue exactly as it would have:"
+                       f" {listed_changes(warned)}.")
 
 
 def resume_from(resume_path, data_state, accelerator, train_dataloader):

@@ -123,8 +123,7 @@ def test_each_rule_has_one_home():
     calls = {name: [path.name for path, text in sources.items() for _ in range(text.count(name))]
              for name in ("nearest_bucket(", "latent_cache_conflicts(", "getstate()", "fork_rng(")}
     assert sorted(calls["nearest_bucket("]) == ["loader.py", "loader.py"]  # its definition and target_size
-    assert sorted(calls["latent_cache_conflicts("]) == ["loader.py", "memory.py", "train_t2i_adapter_sdxl.py",
-                                                        "train_t2i_adapter_sdxl.py"]
+    assert sorted(calls["latent_cache_conflicts("]) == ["loader.py", "memory.py", "train_t2i_adapter_sdxl.py"]
     assert calls["getstate()"] == ["train_t2i_adapter_sdxl.py"] and calls["fork_rng("] == ["train_t2i_adapter_sdxl.py"]
 
 
