@@ -971,13 +971,14 @@ def control_pair_batch(rows, args):  # args: a data.DataConfig
 
 
 @contextlib.contextmanager
-def global_rngs_kept(device):
-    """Python's and torch's global RNGs (and the device's) as they were when the block began: what runs
-    inside (validation, the gain's pairs) never changes the draws training makes."""
-    python_state = random.getstate()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+def global_rngs_kept():
+    """The global RNGs as they were when the block began: what runs inside (validation, the gain's pairs)
+    never changes the draws training makes."""
+    states = lifecycle.global_rng_states()
+    try:
         yield
-    random.setstate(python_state)
+    finally:
+        lifecycle.restore_global_rng_states(states)
 
 
 @torch.no_grad()
@@ -985,7 +986,7 @@ def prepare_control_pairs(batch, components, args, device, seed=control.CONTROL_
     """ControlPairs on `device`: latents (a posterior sample drawn from `seed`), conditions, the first
     caption's embeddings and the micro-conditioning. The global RNGs are left as they were."""
     vae = components.vae
-    with global_rngs_kept(device):  # select_captions draws even with no empty prompts
+    with global_rngs_kept():  # select_captions draws even with no empty prompts
         captions = select_captions(batch["captions"], 0.0, is_train=False)
     latents = encode_latents(vae, batch["pixel_values"], generator=torch.Generator(vae.device).manual_seed(seed))
     prompt_embeds, pooled_embeds = encode_prompt(captions, components.text_encoders, components.tokenizers)
@@ -1047,9 +1048,10 @@ def cast_to(model, dtype):
     return model if model.dtype == dtype else model.to(dtype)
 
 
-def run_validation(components, adapter, args, accelerator, weight_dtype, step):
+def run_validation(components, adapter, args, accelerator, weight_dtype, step, preemption):
     """Generate `num_validation_images` per (prompt, image) pair with the adapter as it is now,
-    log them to every tracker and return them (for the model card).
+    log them to every tracker and return them (for the model card); None when a stop signal ends
+    it, which it does at the next image.
 
     The pipeline is built from the components already in memory (upstream re-reads the base
     model from disk each time), autocast follows the actual device (upstream assumes CUDA), and
@@ -1081,27 +1083,25 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step):
 
     multiple = pipeline.adapter.total_downscale_factor
     image_logs = []
-    with global_rngs_kept(device), autocast:
+    with global_rngs_kept(), autocast:
         generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
         for prompt, image_path in images.pair_validation_inputs(args.validation_prompt, args.validation_image):
             condition = images.load_upright_rgb({"path": image_path, "bytes": None})
             width, height = images.validation_size(condition.width, condition.height, args.resolution, multiple)
             condition = condition.resize((width, height), Image.BILINEAR)
-            samples = [
-                pipeline(
-                    prompt=prompt,
-                    image=condition,
-                    height=height,
-                    width=width,
-                    num_inference_steps=20,
-                    generator=generator,
-                ).images[0]
-                for _ in range(args.num_validation_images)
-            ]
+            samples = []
+            for _ in range(args.num_validation_images):
+                if preemption.received is not None:
+                    break
+                samples.append(pipeline(prompt=prompt, image=condition, height=height, width=width,
+                                        num_inference_steps=20, generator=generator).images[0])
             image_logs.append({"validation_image": condition, "images": samples, "validation_prompt": prompt})
     for model in frozen:
         cast_to(model, weight_dtype)
     components.vae.to(vae_device)
+    if preemption.received is not None:
+        logger.warning(f"Validation at step {step} stopped by the signal; its images are not logged.")
+        return None
     log_validation_images(image_logs, accelerator.trackers, step)
     metric = control_metric(args)
     if metric != "none":
@@ -1183,7 +1183,7 @@ def hub_upload_arguments(repo_id, output_dir, hub_token):
         "repo_id": repo_id,
         "folder_path": output_dir,
         "commit_message": "End of training",
-        "ignore_patterns": ["step_*", "epoch_*", lifecycle.LOCK_FILE, lifecycle.FINISHED_FILE],
+        "ignore_patterns": ["step_*", "epoch_*", lifecycle.LOCK_FILE, lifecycle.FINISHED_FILE, lifecycle.BRANCH_FILE],
         "token": hub_token,
     }
 
@@ -1473,13 +1473,14 @@ def model_card_training_details(args, steps, num_processes, validation=None):
     return details
 
 
-def validate(components, adapter, control_pairs, args, accelerator, weight_dtype, step):
+def validate(components, adapter, control_pairs, args, accelerator, weight_dtype, step, preemption):
     """{"step", "control", "logs"} of a validation at `step`: the conditioning gain on the validation
-    pairs and the images of the validation prompts, each None when not asked for; None for neither."""
+    pairs and the images of the validation prompts, each None when not asked for (or, for the images,
+    when a stop signal cut them short); None for neither."""
     control = measure_control(components, adapter, control_pairs, args, accelerator, weight_dtype, step)
     logs = None
     if args.validation_prompt is not None:
-        logs = run_validation(components, adapter, args, accelerator, weight_dtype, step)
+        logs = run_validation(components, adapter, args, accelerator, weight_dtype, step, preemption)
     return None if control is None and logs is None else {"step": step, "control": control, "logs": logs}
 
 
@@ -1501,17 +1502,19 @@ def create_hub_repo(args, accelerator):
 
 
 def finish_training(accelerator, adapter, components, control_pairs, args, weight_dtype, global_step, validation,
-                    repo_id, preemption):
+                    repo_id, preemption, batches_per_epoch):
     """The adapter in diffusers format, the final validation (unless this step was just validated),
     the model card and the Hub upload. The adapter is saved first, and the stop-signal handler is
-    still on: a signal in this phase skips the validation and the upload, never the save."""
+    still on: a signal in this phase ends the validation at its next image and skips the upload,
+    never the save."""
     if not accelerator.is_main_process:
         return
     accelerator.unwrap_model(adapter).save_pretrained(args.output_dir)
-    lifecycle.mark_finished(args.output_dir, global_step)
+    lifecycle.mark_finished(args.output_dir, global_step, batches_per_epoch)
     logger.info(f"Saved the adapter to {args.output_dir}")
     if preemption.received is None and (validation is None or validation["step"] != global_step):
-        validation = validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step)
+        validation = validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step,
+                              preemption)
     logs = validation["logs"] if validation else None
     details = model_card_training_details(args, global_step, accelerator.num_processes, validation)
     save_model_card(
@@ -1525,11 +1528,13 @@ def finish_training(accelerator, adapter, components, control_pairs, args, weigh
 
 def training_run(args, adapter_config, accelerator, hooks):
     """The run itself, from data loading to the final save; returns the last optimisation step."""
-    finished = lifecycle.finished_step(args.output_dir)
-    if args.resume_from_checkpoint and finished is not None and finished >= (args.max_train_steps or 0):
-        logger.info(f"The run is complete: it finished at step {finished}. Nothing to train; the adapter in"
+    finished = lifecycle.finished_run(args.output_dir)  # (step, batches per epoch) or None
+    # A requeue of a finished run trains on only for more steps or epochs; a named checkpoint is a rewind.
+    requeued = args.resume_from_checkpoint == "latest"
+    if requeued and finished and finished.step >= total_steps(args, finished.batches_per_epoch):
+        logger.info(f"The run is complete: it finished at step {finished.step}. Nothing to train; the adapter in"
                     f" {args.output_dir} is left as it is.")
-        return finished
+        return finished.step
     resume_path, resumed_data_state = lifecycle.find_resume_point(args, accelerator)
     seed, run = lifecycle.run_identity(args, accelerator, resumed_data_state)
     set_seed(seed, device_specific=True)  # each process its own noise; DDP keeps the adapters in step
@@ -1543,7 +1548,7 @@ def training_run(args, adapter_config, accelerator, hooks):
     weight_dtype = set_up_models(components, args, accelerator)
     sigmas_by_timestep = components.sigmas_by_timestep.to(accelerator.device)
     control_pairs = control_pairs_for(train_data, components, args, data_config, accelerator)
-    train_dataloader, batches_per_epoch = loader.make_train_dataloader(
+    batches, batches_per_epoch = loader.make_train_dataloader(
         train_data, PairTransform(data_config), data_config, seed, accelerator.process_index,
         accelerator.num_processes, configs.adapter_total_downscale(adapter_config),
         latent_files_for(train_data, components, args, data_config, accelerator),
@@ -1560,7 +1565,7 @@ def training_run(args, adapter_config, accelerator, hooks):
         args, learning_rate(args, accelerator.num_processes), accelerator.num_processes, train_data
     )
     if resume_path is not None:
-        global_step = lifecycle.resume_from(resume_path, resumed_data_state, accelerator, train_dataloader)
+        global_step = lifecycle.resume_from(resume_path, resumed_data_state, accelerator, batches)
         if "settings" in resumed_data_state:  # not in checkpoints of earlier versions
             lifecycle.apply_changed_settings(resumed_data_state["settings"], settings, args, optimizer, lr_scheduler)
     progress_bar = tqdm(
@@ -1568,10 +1573,17 @@ def training_run(args, adapter_config, accelerator, hooks):
     )
     if global_step == 0 and accelerator.is_main_process:  # the curve starts from the untrained adapter
         measure_control(components, adapter, control_pairs, args, accelerator, weight_dtype, 0)
-    validation, losses = None, StepLosses(accelerator.device)
+
+    def save_checkpoint(position):
+        data_state = {"seed": seed, "run": run, "settings": settings, "loader": position}
+        lifecycle.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
+        return global_step
+
+    validation, losses, saved_step = None, StepLosses(accelerator.device), global_step
+    step_start = lifecycle.StepStart(batches, accelerator)
     with lifecycle.PreemptionHandler() as preemption:
         # A run resumed at its last step (stopped before its final save) only finishes.
-        for batch in train_dataloader if global_step < max_train_steps else ():
+        for batch in batches if global_step < max_train_steps else ():
             with accelerator.accumulate(adapter):
                 loss = batch_loss(
                     batch, components, adapter, sigmas_by_timestep, args, weight_dtype, accelerator.device, hooks
@@ -1579,21 +1591,23 @@ def training_run(args, adapter_config, accelerator, hooks):
                 step_loss = optimisation_step(
                     loss, adapter, optimizer, lr_scheduler, accelerator, losses, global_step, args
                 )
-            if step_loss is None:  # inside a gradient accumulation
-                continue
-            global_step += 1
-            report_step(global_step, step_loss, lr_scheduler, progress_bar, accelerator, hooks)
-            stopping = preemption.requested(accelerator)
-            if global_step % args.checkpointing_steps == 0 or stopping:
-                data_state = {"seed": seed, "run": run, "settings": settings, "loader": train_dataloader.state_dict()}
-                lifecycle.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
-            if global_step % args.validation_steps == 0 and accelerator.is_main_process and not stopping:
-                validation = (
-                    validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step)
-                    or validation
-                )
-            if stopping:
-                preemption.stop(accelerator, global_step, os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+            if step_loss is not None:  # the last micro-batch of an optimisation step
+                global_step += 1
+                report_step(global_step, step_loss, lr_scheduler, progress_bar, accelerator, hooks)
+                step_start = lifecycle.StepStart(batches, accelerator)
+                if global_step % args.checkpointing_steps == 0:
+                    saved_step = save_checkpoint(step_start.position)
+                if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    validation = (
+                        validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step,
+                                 preemption) or validation
+                    )
+            if preemption.requested(accelerator):  # after every micro-batch: the step in progress is abandoned
+                step_start.restore(accelerator)
+                if saved_step != global_step:
+                    saved_step = save_checkpoint(step_start.position)
+                checkpoint = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                preemption.stop(accelerator, global_step, checkpoint if global_step else "nothing (no step completed)")
             if global_step >= max_train_steps:
                 break
         if losses.skipped:
@@ -1601,7 +1615,7 @@ def training_run(args, adapter_config, accelerator, hooks):
 
         accelerator.wait_for_everyone()
         finish_training(accelerator, adapter, components, control_pairs, args, weight_dtype, global_step, validation,
-                        repo_id, preemption)
+                        repo_id, preemption, batches_per_epoch)
         if preemption.received is not None:  # during the final phase, after the adapter was saved
             preemption.stop(accelerator, global_step, f"the adapter in {args.output_dir}")
     accelerator.end_training()
@@ -1611,7 +1625,7 @@ def training_run(args, adapter_config, accelerator, hooks):
 def main(args, hooks=None):
     adapter_config = check_inputs(args)
     accelerator = make_accelerator(args)
-    with lifecycle.exclusive_output_dir(args.output_dir, accelerator):
+    with lifecycle.exclusive_output_dir(args.output_dir, accelerator), lifecycle.workers_ended_on_error():
         return training_run(args, adapter_config, accelerator, hooks or RunHooks())
 
 

@@ -1,10 +1,11 @@
 """A run's lifecycle on disk: the output folder's lock, checkpoints (listing, pruning, saving, checking
 and resolving), the finished marker, the run's identity, resume with its changed settings, and
-preemption by a stop signal."""
+stopping: a stop signal (the step in progress abandoned) or an error (the DataLoader workers ended)."""
 
 import contextlib
 import fcntl
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -12,15 +13,19 @@ import shutil
 import signal
 import socket
 import threading
+import time
+import typing
 import uuid
 import zipfile
 
+import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, load
 from diffusers import T2IAdapter
 from safetensors import safe_open
 
+from . import manifest
 from .files import write_json_atomically
 
 logger = get_logger(__name__)
@@ -30,6 +35,7 @@ ADAPTER_SUBFOLDER = "t2iadapter"  # where a checkpoint keeps the adapter in diff
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LOCK_FILE = ".t2i-adapter-training.lock"  # in --output_dir while a run holds it: who holds it
 FINISHED_FILE = "training_finished.json"  # in --output_dir once the final adapter is saved: its step
+BRANCH_FILE = "current_checkpoint.json"  # in --output_dir: the checkpoint the current branch last reached
 DATA_STATE_FILE = "data_state_{}.json"  # each process's loader position and the run's seed, in a checkpoint
 # What a resume on process {} reads from a checkpoint, in every mode (accelerate's names and ours), and
 # what it reads when it is there (DeepSpeed keeps the optimizer in its own files).
@@ -48,6 +54,7 @@ FREE_ON_RESUME = frozenset({
     "push_to_hub", "hub_token", "hub_model_id", "max_train_steps", "num_train_epochs", "skip_nonfinite_steps",
     "skip_bad_samples", "skip_memory_check", "cache_dir", "latent_cache_dir", "gradient_checkpointing",
     "enable_xformers_memory_efficient_attention", "torch_compile", "set_grads_to_none",
+    "dataloader_num_workers",  # but for a stream's position (refuse_other_stream_workers)
 })
 # Compared, and a change is applied from the resumed step on (and said so); the optimizer's own are set
 # again after its state is restored, which would otherwise bring back the checkpoint's values.
@@ -56,7 +63,6 @@ APPLIED_ON_RESUME = frozenset({"learning_rate", "scale_lr", "adam_beta1", "adam_
 # Compared, and a change is refused: the checkpoint cannot continue under it.
 REFUSED_ON_RESUME = {
     "use_8bit_adam": "the optimizer's saved state has another format",
-    "dataloader_num_workers": "the loader's saved position holds one state per DataLoader worker",
 }
 # Compared, and the checkpoint's value is kept: a new seed would replan the epoch mid-way, repeating some
 # samples and skipping others.
@@ -95,14 +101,72 @@ def checkpoint_run(checkpoint):
         return None
 
 
+def checkpoint_parent(checkpoint):
+    """The name of the checkpoint that `checkpoint` continues (None for a run's first, or when it does not say)."""
+    try:
+        with open(data_state_path(checkpoint, 0)) as f:
+            parent = json.load(f).get("parent")
+        return parent if isinstance(parent, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# Branches. A run resumed from an older checkpoint than the newest (a rewind, say with a lower learning rate)
+# starts a branch: its checkpoints continue the resumed one, and the ones after it belong to the abandoned
+# branch. BRANCH_FILE names the checkpoint the current branch last reached, set at each resume and each save;
+# each checkpoint names its parent. `latest` follows the current branch, and pruning removes abandoned
+# checkpoints first.
+
+
+def set_branch_head(output_dir, checkpoint):
+    """Make `checkpoint` the one the current branch last reached; None, or a checkpoint from elsewhere,
+    starts a new branch here."""
+    path = os.path.join(output_dir, BRANCH_FILE)
+    if checkpoint is None or os.path.dirname(os.path.abspath(checkpoint.rstrip(os.sep))) != os.path.abspath(output_dir):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+    write_json_atomically(path, {"checkpoint": os.path.basename(checkpoint.rstrip(os.sep))})
+
+
+def branch_head(output_dir):
+    """The name of the checkpoint the current branch last reached, or None (no branch recorded: a new run,
+    or a folder of an earlier version)."""
+    try:
+        with open(os.path.join(output_dir, BRANCH_FILE)) as f:
+            name = json.load(f).get("checkpoint")
+        return name if isinstance(name, str) and CHECKPOINT_PATTERN.match(name) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def current_branch(output_dir):
+    """The current branch's checkpoints that exist, newest first (its head, the head's parent, ...), or None
+    when no branch is recorded."""
+    name = branch_head(output_dir)
+    if name is None:
+        return None
+    branch = []
+    while name is not None and CHECKPOINT_PATTERN.match(name) and os.path.isdir(os.path.join(output_dir, name)):
+        path = os.path.join(output_dir, name)
+        if path in branch:  # a loop (hand-edited parents)
+            break
+        branch.append(path)
+        name = checkpoint_parent(path)
+    return branch
+
+
 def prune_checkpoints(output_dir, total_limit, run):
     """Delete the oldest checkpoints of `run` (an id that its resumed launches share) so that at most
-    `total_limit` of them remain. A checkpoint that another run wrote stays."""
+    `total_limit` of them remain: those of abandoned branches first, the current branch's last. A
+    checkpoint that another run wrote stays, and so does the current branch's head."""
     checkpoints = list_checkpoints(output_dir)
     own = [path for path in checkpoints if checkpoint_run(path) == run]
     if total_limit is None or len(own) <= total_limit:
         return []
-    removed = own[: len(own) - total_limit]  # never the newest: the limit is at least 1
+    on_branch = set(current_branch(output_dir) or own[-1:])
+    by_removal = [path for path in own if path not in on_branch] + [path for path in own if path in on_branch]
+    removed = sorted(by_removal[: len(own) - total_limit], key=checkpoint_step)  # never the head: the limit is at least 1
     logger.info(f"Removing checkpoints beyond the limit of {total_limit}: {', '.join(map(os.path.basename, removed))}")
     for path in removed:
         shutil.rmtree(path)
@@ -113,9 +177,10 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
     """Save the full training state as output_dir/checkpoint-<step>.
 
     Every process takes part (DeepSpeed needs each rank's shard), and each saves its `data_state`
-    (the run's seed and its loader's position) as JSON. The state is written under a temporary
-    name and renamed once complete, and only then are old checkpoints pruned: a crash while saving
-    leaves the previous checkpoints intact and never a half-written one as 'latest'.
+    (the run's seed and its loader's position) as JSON, with the checkpoint's parent. The state is
+    written under a temporary name, given a manifest of every file's size and checksum, and renamed
+    once complete; only then are old checkpoints pruned: a crash while saving leaves the previous
+    checkpoints intact and never a half-written one as 'latest'.
     """
     final_path = os.path.join(output_dir, f"checkpoint-{step}")
     tmp_path = final_path + ".tmp"
@@ -123,12 +188,15 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
         shutil.rmtree(tmp_path)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp_path)
-    write_json_atomically(data_state_path(tmp_path, accelerator.process_index), data_state)
+    parent = branch_head(output_dir)
+    write_json_atomically(data_state_path(tmp_path, accelerator.process_index), {**data_state, "parent": parent})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        manifest.write_manifest(tmp_path)  # every process's files: a resume verifies them
         if os.path.exists(final_path):  # the same step saved again after a resume
             shutil.rmtree(final_path)
         os.replace(tmp_path, final_path)
+        set_branch_head(output_dir, final_path)
         prune_checkpoints(output_dir, total_limit, data_state["run"])
         logger.info(f"Saved state to {final_path}")
     accelerator.wait_for_everyone()
@@ -136,10 +204,58 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
 
 
 def load_data_state(checkpoint, process_index):
-    """This process's data state saved with the checkpoint: the run's seed and the loader's position.
-    Plain JSON, so reading it never runs code; `checkpoint_problems` has made sure it is there."""
-    with open(data_state_path(checkpoint, process_index)) as f:
-        return json.load(f)
+    """This process's data state saved with the checkpoint: the run's seed and id, its settings, the
+    checkpoint's parent and the loader's position. Plain JSON, so reading it never runs code;
+    `checkpoint_problems` has made sure it is there. A field that a resume could not use (a hand edit)
+    stops it here, named, before anything loads."""
+    path = data_state_path(checkpoint, process_index)
+    with open(path) as f:
+        state = json.load(f)
+    problems = data_state_problems(state)
+    if problems:
+        raise ValueError(f"Cannot resume from {checkpoint}: {path} is not a data state this trainer wrote"
+                         f" ({'; '.join(problems)}). Resume from another checkpoint, or delete this one.")
+    return state
+
+
+def data_state_problems(state):
+    """Each field of a data state that is missing or of the wrong type or range, named."""
+    if not isinstance(state, dict):
+        return [f"it holds a JSON {type(state).__name__}, not an object"]
+
+    def is_count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    problems = []
+    if not (is_count(state.get("seed")) and state["seed"] < 2**32):
+        problems.append(f'"seed" is {state.get("seed")!r}, not a whole number from 0 to 2**32 - 1')
+    for name, kind in (("run", str), ("parent", str), ("settings", dict)):  # absent from earlier versions' states
+        if state.get(name) is not None and not isinstance(state[name], kind):
+            problems.append(f'"{name}" is {state[name]!r}, not a JSON {"string" if kind is str else "object"}')
+    position = state.get("loader")
+    if not isinstance(position, dict):
+        problems.append(f'"loader" is {position!r}, not the loader\'s position (a JSON object)')
+    elif "epoch" in position:  # a map-style dataset's position; a stream's is torchdata's own
+        for name in ("epoch", "done"):
+            if not is_count(position.get(name)):
+                problems.append(f'"loader"."{name}" is {position.get(name)!r}, not a whole number from 0 up')
+    return problems
+
+
+def refuse_other_stream_workers(data_state, num_workers, checkpoint):
+    """A position saved as torchdata's state (a stream's: its DataLoader workers each read their own
+    shards) holds one state per worker, so it continues only with as many workers. Stops before
+    anything loads, naming the flag."""
+    position = data_state["loader"]
+    if "epoch" in position:  # a map-style position does not depend on the workers
+        return
+    main_state = position.get("_snapshot", {}).get("_main_snapshot", {})  # absent without workers
+    saved = main_state.get("_num_workers", 0) if isinstance(main_state, dict) else 0
+    if saved != num_workers:
+        raise ValueError(
+            f"Cannot resume {checkpoint} with --dataloader_num_workers {num_workers}: its stream position was saved"
+            f" by {saved} DataLoader worker(s), each reading its own shards. Pass --dataloader_num_workers {saved}."
+        )
 
 
 def checkpoint_problems(checkpoint, process_index, read=False):
@@ -178,23 +294,31 @@ def checkpoint_problems(checkpoint, process_index, read=False):
     return problems
 
 
-def mark_finished(output_dir, step):
-    """Write the finished marker, once the final adapter is saved: a requeue finds the run complete."""
-    write_json_atomically(os.path.join(output_dir, FINISHED_FILE), {"step": step})
+class FinishedRun(typing.NamedTuple):
+    step: int
+    batches_per_epoch: int  # on each process, for how many steps --num_train_epochs makes; 0 when unknown
 
 
-def finished_step(output_dir):
-    """The step at which a run in `output_dir` finished (its final adapter saved), or None. A marker that
-    cannot be read (written by hand, or by an older version in place and cut short) is warned about and
-    taken as absent: the run then decides from its checkpoints and the adapter in the folder."""
+def mark_finished(output_dir, step, batches_per_epoch):
+    """Write the finished marker, once the final adapter is saved: a requeue finds the run complete, unless
+    it asks for more steps or more epochs (None for a stream, which counts steps only)."""
+    write_json_atomically(os.path.join(output_dir, FINISHED_FILE), {"step": step, "batches_per_epoch": batches_per_epoch})
+
+
+def finished_run(output_dir):
+    """The FinishedRun in `output_dir` (its final adapter saved), or None. A marker that cannot be read
+    (written by hand, or by an older version in place and cut short) is warned about and taken as absent:
+    the run then decides from its checkpoints and the adapter in the folder. An older marker does not
+    say how many batches an epoch had (0): only a larger --max_train_steps trains on."""
     path = os.path.join(output_dir, FINISHED_FILE)
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            step = json.load(f)["step"]
-        if isinstance(step, int) and step >= 0:
-            return step
+            marker = json.load(f)
+        step, batches_per_epoch = marker["step"], marker.get("batches_per_epoch") or 0
+        if isinstance(step, int) and step >= 0 and isinstance(batches_per_epoch, int):
+            return FinishedRun(step, batches_per_epoch)
         problem = f"its step is {step!r}"
     except (OSError, ValueError, KeyError, TypeError) as error:
         problem = f"{type(error).__name__}: {error}"
@@ -216,19 +340,14 @@ def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
     names = ", ".join(os.path.basename(path) for path in checkpoints)
     if resume_from_checkpoint is None:
         earlier = f"checkpoints of an earlier run ({names})" if checkpoints else "a finished run"
-        if checkpoints or finished_step(output_dir) is not None or holds_final_adapter(output_dir):
+        if checkpoints or finished_run(output_dir) is not None or holds_final_adapter(output_dir):
             raise ValueError(
                 f"`--output_dir` {output_dir!r} already holds {earlier}. Resume it with `--resume_from_checkpoint"
                 " latest`, or start the new run in another `--output_dir`."
             )
         return None
     if resume_from_checkpoint == "latest":
-        for path in reversed(checkpoints):  # the newest complete one
-            problems = checkpoint_problems(path, process_index=0)
-            if not problems:
-                return path
-            logger.warning(f"Skipping {path}, which is incomplete: {'; '.join(problems)}.")
-        return None
+        return latest_checkpoint(output_dir, checkpoints)
     if os.path.isdir(resume_from_checkpoint):
         path = resume_from_checkpoint
     else:
@@ -240,6 +359,42 @@ def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
         )
     checkpoint_step(path)
     return path
+
+
+HELD_LOCKS = set()  # descriptors of the locked output folders, which no forked child may keep
+
+
+def close_held_locks_in_child():
+    """A forked child (a DataLoader worker) closes its copies of the lock's descriptor: the lock is the
+    parent's, and a child that outlived it would otherwise keep the folder locked against the requeue."""
+    for folder in HELD_LOCKS:
+        os.close(folder)
+    HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=close_held_locks_in_child)
+
+
+def latest_checkpoint(output_dir, checkpoints):
+    """The newest checkpoint of the current branch that is complete and verifies against its manifest (the
+    newest of all when no branch is recorded), each one skipped named in a warning; None before any
+    checkpoint. Checkpoints that all fail stop the run: a new one would start beside them."""
+    branch = current_branch(output_dir)
+    if branch is not None and checkpoints and not branch:
+        logger.warning(f"{BRANCH_FILE} in {output_dir} names {branch_head(output_dir)}, which is gone; taking the"
+                       " newest checkpoint instead.")
+    skipped = []
+    for path in branch or list(reversed(checkpoints)):
+        problems = checkpoint_problems(path, process_index=0) + manifest.manifest_problems(path)
+        if not problems:
+            return path
+        logger.warning(f"Skipping {path}, which is incomplete or damaged: {'; '.join(problems)}.")
+        skipped.append(os.path.basename(path))
+    if skipped:
+        raise ValueError(f"No checkpoint in {output_dir} can be resumed: each is incomplete or damaged"
+                         f" ({', '.join(skipped)}; see the warnings above). Delete them, or start a new run in"
+                         " another `--output_dir`.")
+    return None
 
 
 def lock_output_dir(output_dir):
@@ -264,6 +419,7 @@ def lock_output_dir(output_dir):
         ) from None
     with open(os.path.join(output_dir, LOCK_FILE), "w") as f:
         f.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    HELD_LOCKS.add(folder)
     return folder
 
 
@@ -271,6 +427,7 @@ def unlock_output_dir(folder, output_dir):
     """Release `lock_output_dir`'s lock, leaving the folder as the run's own files left it."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(output_dir, LOCK_FILE))
+    HELD_LOCKS.discard(folder)
     os.close(folder)
 
 
@@ -319,8 +476,12 @@ def find_resume_point(args, accelerator):
     if resume_path is None:
         if args.resume_from_checkpoint:
             accelerator.print("No checkpoint yet: starting a new training run.")
+        if accelerator.is_main_process:
+            set_branch_head(args.output_dir, None)
         return None, None
     problems = checkpoint_problems(resume_path, accelerator.process_index, read=True)
+    if args.resume_from_checkpoint != "latest":  # `latest` verified it while choosing
+        problems += manifest.manifest_problems(resume_path)
     if problems:
         raise ValueError(
             f"Cannot resume from {resume_path}: {'; '.join(problems)}. Resume from an earlier checkpoint with"
@@ -329,6 +490,11 @@ def find_resume_point(args, accelerator):
         )
     data_state = load_data_state(resume_path, accelerator.process_index)
     refuse_changed_settings(data_state.get("settings", {}), vars(args), resume_path)
+    refuse_other_stream_workers(data_state, args.dataloader_num_workers, resume_path)
+    if accelerator.is_main_process:  # the checkpoints this run saves continue the resumed one's branch
+        set_branch_head(args.output_dir, resume_path)
+        with contextlib.suppress(FileNotFoundError):  # the run is in progress again
+            os.remove(os.path.join(args.output_dir, FINISHED_FILE))
     return resume_path, data_state
 
 
@@ -411,9 +577,21 @@ def apply_changed_settings(saved, current, args, optimizer, lr_scheduler):
                        f" {listed_changes(warned)}.")
 
 
-def resume_from(resume_path, data_state, accelerator, train_dataloader):
-    """Restore the training state and the loader's position; returns the step to continue from."""
+def resume_from(resume_path, data_state, accelerator, batches):
+    """Restore the training state and the loader's position (into `batches`, loader.TrainingBatches);
+    returns the step to continue from."""
     accelerator.print(f"Resuming from checkpoint {resume_path}")
+    step = checkpoint_step(resume_path)
+    # Each step reads as many micro-batches as its accumulation: a position beyond that is not this run's.
+    accumulation = max(data_state.get("settings", {}).get("gradient_accumulation_steps", 1),
+                       accelerator.gradient_accumulation_steps)
+    try:
+        batches.load_state_dict(data_state["loader"], most_batches=step * accumulation)
+    except Exception as error:  # torchdata checks a stream's state with bare asserts
+        raise ValueError(
+            f"Cannot resume from {resume_path}: its loader position in {data_state_path(resume_path, accelerator.process_index)}"
+            f" does not fit this run ({type(error).__name__}: {error})."
+        ) from error
     try:
         accelerator.load_state(resume_path)
     except Exception as error:
@@ -421,26 +599,30 @@ def resume_from(resume_path, data_state, accelerator, train_dataloader):
             f"Could not resume from {resume_path}: {type(error).__name__}: {error}. The checkpoint may be damaged;"
             " resume from an earlier one with `--resume_from_checkpoint checkpoint-<step>`."
         ) from error
-    train_dataloader.load_state_dict(data_state["loader"])
-    return checkpoint_step(resume_path)
+    return step
+
+
+# Stop signals: a cluster's preemption or time limit (SIGTERM; SLURM's pre-timeout notice, `--signal=USR1@120`,
+# is SIGUSR1), Ctrl-C (SIGINT). Each saves the last completed step and stops.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class PreemptionHandler:
-    """Turns SIGTERM/SIGINT into a request to stop at the end of the current optimisation step,
-    after a checkpoint, instead of dying in the middle of one (preemptible GPUs, Ctrl-C). A context
-    manager: the previous handlers come back however the run ends."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    """Turns a stop signal into a request that the training loop checks after every micro-batch: it
+    abandons the optimisation step in progress, saves the last completed one and exits, well inside the
+    5 s that a one-process `accelerate launch` waits before killing the trainer. A context manager: the
+    previous handlers come back however the run ends."""
 
     def __init__(self):
-        self.received = None
+        self.received, self.received_at = None, None
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
 
     def handle(self, signum, frame):
-        self.received = signum
-        logger.warning(f"Received {signal.Signals(signum).name}: stopping after the current step.")
+        if self.received is None:
+            self.received, self.received_at = signum, time.monotonic()
+        logger.warning(f"Received {signal.Signals(signum).name}: saving the last completed step and stopping.")
 
     def requested(self, accelerator):
         """Whether any process received a signal (all processes must stop at the same step)."""
@@ -450,10 +632,13 @@ class PreemptionHandler:
         return accelerator.reduce(flag, reduction="sum").item() > 0
 
     def stop(self, accelerator, step, saved):
-        """Say where the run stopped and what it `saved`, then exit with 128 + the signal's number."""
+        """Say where the run stopped, what it `saved` and how long after the signal, then exit with 128 + the
+        signal's number."""
         self.restore()
         name = signal.Signals(self.received).name if self.received else "a signal on another process"
-        logger.warning(f"Stopped by {name} at step {step}; saved {saved}. Resume with --resume_from_checkpoint latest.")
+        after = f" {time.monotonic() - self.received_at:.1f} s after the signal" if self.received else ""
+        logger.warning(f"Stopped by {name} at step {step}; saved {saved}{after}. Resume with"
+                       " --resume_from_checkpoint latest.")
         accelerator.end_training()
         raise SystemExit(128 + (self.received or signal.SIGTERM))
 
@@ -467,3 +652,52 @@ class PreemptionHandler:
 
     def __exit__(self, *exception):
         self.restore()
+
+
+def global_rng_states():
+    """The global RNGs that a checkpoint saves (accelerate's random states): Python's, NumPy's, torch's and
+    every CUDA device's."""
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def restore_global_rng_states(states):
+    python, numpy, cpu, cuda = states
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class StepStart:
+    """What the step in progress changes and a checkpoint of the last completed step must hold as that
+    step left it: the loader's position, the global RNGs (the micro-batches draw noise, timesteps and
+    empty prompts from them) and accelerate's micro-batch count, which places the next gradient sync.
+    Taken after every optimisation step; `restore` abandons the step in progress."""
+
+    def __init__(self, batches, accelerator):
+        self.position, self.micro_batches = batches.state_dict(), accelerator.step
+        self.rngs = global_rng_states()
+
+    def restore(self, accelerator):
+        restore_global_rng_states(self.rngs)
+        accelerator.step = self.micro_batches
+
+
+@contextlib.contextmanager
+def workers_ended_on_error():
+    """However the run fails or stops, its DataLoader workers are killed before the process exits. They
+    ignore stop signals (loader.leave_stop_signals_to_the_main_process), and at exit Python sends them
+    SIGTERM and then waits for them: without this, any error with workers hung the job for ever."""
+    try:
+        yield
+    except BaseException:
+        children = multiprocessing.active_children()
+        if children and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as an error
+        for child in children:
+            child.kill()
+        for child in children:
+            child.join(timeout=10)
+        raise

@@ -1,8 +1,8 @@
 """The training loader: aspect-ratio buckets, batches planned ahead from the run's seed (each sample
 with a seed of its own), the sampler and the stream, the DataLoader and its state, and the latent cache.
 
-The loader's position is saved in every checkpoint (torchdata's StatefulDataLoader carries it through
-the DataLoader workers): a resumed run continues exactly where it stopped."""
+The loader's position is saved in every checkpoint (TrainingBatches: the sampler's for map-style data,
+torchdata's StatefulDataLoader's for a stream): a resumed run continues exactly where it stopped."""
 
 import copy
 import hashlib
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .data import inspect_sample, refuse_or_skip, stored_sample, undecoded_images
 from .files import replaced_atomically
 from .images import load_upright_rgb
+from .lifecycle import STOP_SIGNALS
 
 logger = get_logger(__name__)
 
@@ -326,10 +327,11 @@ class StreamingBatches(torch.utils.data.IterableDataset):
 
 
 def leave_stop_signals_to_the_main_process(worker_id):
-    """DataLoader workers ignore SIGTERM and SIGINT. A cluster's preemption (scancel, pod eviction) and
+    """DataLoader workers ignore the stop signals. A cluster's preemption (scancel, pod eviction) and
     Ctrl-C signal the whole process group; a worker that died of it would end the run before the main
-    process saves its checkpoint. The main process stops the workers when it exits."""
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+    process saves its checkpoint. The main process stops the workers when it exits, and kills them when
+    it fails (lifecycle.workers_ended_on_error)."""
+    for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
 
 
@@ -347,20 +349,66 @@ def loader_options(args, seed):
     }
 
 
+class TrainingBatches:
+    """The training loop's batches and its position in them, which each checkpoint saves.
+
+    Over a map-style dataset the position is the sampler's (epoch, batches done) of the batches the loop
+    has taken, counted here as they arrive: the DataLoader's workers read ahead, but nothing they hold
+    is part of it, so a run resumes exactly with any number of workers. A stream's position lives in
+    its workers (each reads its own shards), so it is torchdata's state of the whole DataLoader."""
+
+    def __init__(self, dataloader, sampler=None):
+        self.dataloader, self.sampler = dataloader, sampler
+        self.epoch, self.done = 0, 0
+
+    def __iter__(self):
+        if self.sampler is None:
+            yield from self.dataloader
+            return
+        self.sampler.load_state_dict({"epoch": self.epoch, "done": self.done})
+        batches_per_epoch = self.sampler.batches_per_epoch()
+        for batch in self.dataloader:
+            if self.done >= batches_per_epoch:  # as the sampler moves on, after an epoch's last batch
+                self.epoch, self.done = self.epoch + 1, 0
+            self.done += 1
+            yield batch
+
+    def state_dict(self):
+        if self.sampler is None:
+            return self.dataloader.state_dict()
+        return {"epoch": self.epoch, "done": self.done}
+
+    def load_state_dict(self, state, most_batches=None):
+        """Continue from a saved position, which may not lie beyond an epoch's end or beyond `most_batches`
+        read in all (a checkpoint of an earlier version saved torchdata's state for map-style data too;
+        it is restored as it was saved)."""
+        if self.sampler is None or "epoch" not in state:
+            self.dataloader.load_state_dict(state)
+            return
+        epoch, done = state["epoch"], state["done"]
+        batches_per_epoch = self.sampler.batches_per_epoch()
+        if done > batches_per_epoch:
+            raise ValueError(f'"done" is {done}, more than the {batches_per_epoch} batches of an epoch')
+        if most_batches is not None and epoch * batches_per_epoch + done > most_batches:
+            raise ValueError(f'"epoch" {epoch} and "done" {done} are {epoch * batches_per_epoch + done} batches'
+                             f" of {batches_per_epoch} an epoch, more than the run read by then ({most_batches})")
+        self.epoch, self.done = epoch, done
+
+
 def make_train_dataloader(train_data, transform, args, seed, rank, world_size, multiple, latent_files=None):
-    """The training loader, for a map-style dataset or a stream: a StatefulDataLoader over planned
-    batches. Every process builds its own share (it is not passed to accelerate.prepare), and its
-    state goes into each checkpoint.
+    """The training batches, for a map-style dataset or a stream: a StatefulDataLoader over planned
+    batches, in TrainingBatches. Every process builds its own share (it is not passed to
+    accelerate.prepare), and its position goes into each checkpoint.
 
     `train_data` is what `load_training_data` returns; `multiple` is the adapter's total downscale
-    (bucket sides are multiples of it). Returns (loader, batches per epoch on this process, or None
-    for a stream).
+    (bucket sides are multiples of it). Returns (TrainingBatches, batches per epoch on this process,
+    or None for a stream).
     """
     dataset, sizes = train_data.dataset, train_data.sizes
     buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
     if train_data.streamed:  # it yields whole batches
         batches = StreamingBatches(dataset, transform, args, seed, rank, world_size, buckets)
-        return StatefulDataLoader(batches, batch_size=None, **loader_options(args, seed)), None
+        return TrainingBatches(StatefulDataLoader(batches, batch_size=None, **loader_options(args, seed))), None
     targets = [target_size(size, args.resolution, buckets) for size in sizes]
     sampler = PlannedBatchSampler(targets, args.train_batch_size, seed, rank, world_size)
     batches_per_epoch = sampler.batches_per_epoch()
@@ -368,4 +416,4 @@ def make_train_dataloader(train_data, transform, args, seed, rank, world_size, m
         raise ValueError(f"{len(sizes)} samples make no batch for each of the {world_size} processes.")
     pairs = PlannedPairs(undecoded_images(dataset, args), transform, latent_files, args.skip_bad_samples)
     loader = StatefulDataLoader(pairs, batch_sampler=sampler, collate_fn=collate_fn, **loader_options(args, seed))
-    return loader, batches_per_epoch
+    return TrainingBatches(loader, sampler), batches_per_epoch

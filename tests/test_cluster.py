@@ -53,7 +53,8 @@ def test_sigterm_to_the_whole_process_group_saves_and_resumes_exactly(tiny_sdxl,
     wait_for(lambda: (output_dir / "checkpoint-3").is_dir(), process, "checkpoint-3")
     returncode, stderr = signal_group_and_wait(process)
     assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    step = int(re.search(r"Stopped by SIGTERM at step (\d+); saved \S+checkpoint-\1\.", stderr).group(1))
+    step = int(re.search(r"Stopped by SIGTERM at step (\d+); saved \S+checkpoint-\1 [\d.]+ s after the signal\.",
+                         stderr).group(1))
     assert "killed by signal" not in stderr
 
     common = ["--max_train_steps", step + 2, "--checkpointing_steps", 3, *flags]
@@ -73,7 +74,7 @@ def test_sigterm_during_the_final_phase_leaves_the_final_adapter(tiny_sdxl, fill
     wait_for(lambda: (output_dir / lifecycle.FINISHED_FILE).is_file(), process, "the final adapter")
     returncode, stderr = signal_group_and_wait(process)
     assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert re.search(r"Stopped by SIGTERM at step 2; saved the adapter in \S+out\.", stderr)
+    assert re.search(r"Stopped by SIGTERM at step 2; saved the adapter in \S+out [\d.]+ s after the signal\.", stderr)
     saved = load_adapter_weights(output_dir)
     assert run_training(training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", 2,
                                       "--resume_from_checkpoint", "latest")) == 2
@@ -247,3 +248,73 @@ def test_resuming_with_changed_settings_says_so_and_applies_a_new_learning_rate(
     assert re.search(r"Resuming with changed settings, .*: train_batch_size 4 → 2\.", caplog.text)
     logged = dict(tensorboard_scalars(tmp_path / "logs-resumed")["lr"])
     assert list(logged) == [3] and logged[3] == pytest.approx(5e-4)  # constant schedule: the new rate itself
+
+
+def flip_64_bytes(path):
+    """A bad disk block or a partial overwrite: 64 bytes in the middle inverted, the size unchanged."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - byte for byte in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def six_steps(tiny_sdxl, fill_data, tmp_path_factory):
+    """A straight 6-step run with checkpoints at steps 2, 4 and 6."""
+    output_dir = tmp_path_factory.mktemp("six-steps")
+    run_training(training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", 6, "--checkpointing_steps", 2))
+    return output_dir
+
+
+@pytest.mark.parametrize("name", [f"{lifecycle.ADAPTER_SUBFOLDER}/{ADAPTER_FILE}", "optimizer.bin",
+                                  "random_states_0.pkl"])
+def test_a_bit_flip_in_the_newest_checkpoint_falls_back_to_the_one_before(tiny_sdxl, fill_data, tmp_path, caplog,
+                                                                         six_steps, name):
+    """Each checkpoint carries a manifest of its files' sizes and checksums. Flipped bytes in the newest one's
+    adapter, optimizer or random states (which resumed silently, the optimizer's writing NaN weights into the
+    next checkpoint) are found: naming that checkpoint is refused, and `latest` warns naming the damaged file and
+    resumes the checkpoint before, so the run still ends bit for bit where the uninterrupted one does."""
+    import logging
+    import shutil
+
+    output_dir = tmp_path / "preempted"  # a run stopped after step 4
+    for step in (2, 4):
+        shutil.copytree(six_steps / f"checkpoint-{step}", output_dir / f"checkpoint-{step}")
+    flip_64_bytes(output_dir / "checkpoint-4" / name)
+    flags = ["--max_train_steps", 6, "--checkpointing_steps", 2]
+    with pytest.raises(ValueError, match=rf"Cannot resume from \S+checkpoint-4: .*{re.escape(name)}.* checksum"):
+        run_training(training_argv(tiny_sdxl, fill_data, output_dir, *flags, "--resume_from_checkpoint", "checkpoint-4"))
+    with caplog.at_level(logging.WARNING):
+        assert run_training(training_argv(tiny_sdxl, fill_data, output_dir, *flags, "--resume_from_checkpoint",
+                                          "latest")) == 6
+    assert re.search(rf"Skipping \S+checkpoint-4, which is incomplete or damaged: .*{re.escape(name)}", caplog.text)
+    assert max_weight_difference(load_adapter_weights(output_dir), load_adapter_weights(six_steps)) == 0
+
+
+def test_latest_follows_the_branch_of_a_rewind_and_pruning_keeps_it(tiny_sdxl, fill_data, tmp_path, six_steps,
+                                                                    monkeypatch, capsys):
+    """A run with checkpoints 2, 4, 6 is rewound to checkpoint-2 with a lower learning rate and stopped again at
+    step 3. Its requeue with `latest` continues the rewound branch (checkpoint-3), not the abandoned checkpoint-6,
+    and pruning to 3 checkpoints removed the abandoned checkpoint-4, not the rewind point."""
+    import shutil
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(six_steps, output_dir)
+    rewound = training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", 8, "--checkpointing_steps", 1,
+                            "--checkpoints_total_limit", 3, "--learning_rate", 5e-4)
+    report_step = train.report_step
+
+    def report_then_signal_at_step_3(step, *args):
+        report_step(step, *args)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "report_step", report_then_signal_at_step_3)
+    with pytest.raises(SystemExit):
+        run_training([*rewound, "--resume_from_checkpoint", "checkpoint-2"])
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-6"]
+    assert not (output_dir / lifecycle.FINISHED_FILE).exists()  # the rewound run is not finished
+    monkeypatch.setattr(train, "report_step", report_step)
+    capsys.readouterr()
+    assert run_training([*rewound, "--resume_from_checkpoint", "latest"]) == 8
+    assert re.search(r"Resuming from checkpoint \S+checkpoint-3\n", capsys.readouterr().out)

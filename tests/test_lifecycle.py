@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -185,8 +186,8 @@ def test_latest_skips_an_incomplete_newest_checkpoint(tmp_path, caplog):
     os.makedirs(os.path.join(output_dir, "checkpoint-6"))
     open(os.path.join(output_dir, "checkpoint-4", "scheduler.bin"), "w").close()
     assert lifecycle.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-2")
-    assert "checkpoint-6, which is incomplete: random_states_0.pkl is missing" in caplog.text
-    assert "checkpoint-4, which is incomplete: scheduler.bin is empty" in caplog.text
+    assert "checkpoint-6, which is incomplete or damaged: random_states_0.pkl is missing" in caplog.text
+    assert "checkpoint-4, which is incomplete or damaged: scheduler.bin is empty" in caplog.text
 
 
 def test_pruning_leaves_checkpoints_of_another_run_and_the_newest(tmp_path):
@@ -201,3 +202,73 @@ def test_pruning_leaves_checkpoints_of_another_run_and_the_newest(tmp_path):
     assert lifecycle.prune_checkpoints(output_dir, 1, RUN) == []  # its only one, though not the newest
     assert names(lifecycle.prune_checkpoints(output_dir, 1, "another-run")) == ["checkpoint-2", "checkpoint-4"]
     assert names(lifecycle.list_checkpoints(output_dir)) == ["checkpoint-5", "checkpoint-6"]
+
+
+def test_pruning_removes_an_abandoned_branch_first_and_latest_follows_the_current_one(tmp_path):
+    """Checkpoints 2, 4, 6; a rewind to 2 wrote 3 (its parent 2). `latest` is 3, not 6, and pruning to three
+    removes 4, of the abandoned branch, not the rewind point 2."""
+    output_dir = make_folder(tmp_path / "out", [2, 4, 6, 3])
+    path = os.path.join(output_dir, "checkpoint-3", lifecycle.DATA_STATE_FILE.format(0))
+    with open(path, "w") as f:
+        json.dump({"run": RUN, "parent": "checkpoint-2"}, f)
+    lifecycle.set_branch_head(output_dir, os.path.join(output_dir, "checkpoint-3"))
+    assert names(lifecycle.current_branch(output_dir)) == ["checkpoint-3", "checkpoint-2"]
+    assert lifecycle.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-3")
+    assert names(lifecycle.prune_checkpoints(output_dir, 3, RUN)) == ["checkpoint-4"]
+    assert names(lifecycle.prune_checkpoints(output_dir, 1, RUN)) == ["checkpoint-2", "checkpoint-6"]
+    assert names(lifecycle.list_checkpoints(output_dir)) == ["checkpoint-3"]
+
+
+def test_without_a_recorded_branch_latest_is_the_newest(tmp_path, caplog):
+    """A folder of an earlier version (no branch file) resumes its newest checkpoint; a branch file naming a
+    deleted checkpoint is warned about and the newest taken."""
+    output_dir = make_folder(tmp_path / "out", [2, 4])
+    assert lifecycle.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-4")
+    lifecycle.set_branch_head(output_dir, os.path.join(output_dir, "checkpoint-3"))
+    assert lifecycle.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-4")
+    assert "names checkpoint-3, which is gone" in caplog.text
+
+
+def set_then_sleep(event):
+    event.set()
+    time.sleep(30)
+
+
+def test_a_forked_child_does_not_keep_the_output_folder_locked(tmp_path):
+    """A DataLoader worker is a forked child: it closes its copy of the lock, so a worker that outlives its
+    trainer (for up to 5 s it notices nothing) never keeps the requeue out."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    folder = lifecycle.lock_output_dir(str(tmp_path))
+    child = context.Process(target=set_then_sleep, args=(started,))
+    child.start()
+    try:
+        assert started.wait(30)
+        lifecycle.unlock_output_dir(folder, str(tmp_path))
+        lifecycle.unlock_output_dir(lifecycle.lock_output_dir(str(tmp_path)), str(tmp_path))  # free at once
+    finally:
+        child.kill()
+        child.join()
+
+
+@pytest.mark.parametrize("state,problem", [
+    ([], "it holds a JSON list, not an object"),
+    ({"seed": True, "loader": {}}, '"seed" is True'),
+    ({"seed": 2**32, "loader": {}}, '"seed" is 4294967296'),
+    ({"seed": 0, "run": 5, "loader": {}}, '"run" is 5, not a JSON string'),
+    ({"seed": 0, "settings": [], "loader": {}}, '"settings" is [], not a JSON object'),
+    ({"seed": 0}, '"loader" is None'),
+    ({"seed": 0, "loader": {"epoch": 1.5, "done": 0}}, '"loader"."epoch" is 1.5'),
+    ({"seed": 0, "loader": {"epoch": 1}}, '"loader"."done" is None'),
+])
+def test_each_bad_field_of_a_data_state_is_named(state, problem):
+    problems = lifecycle.data_state_problems(state)
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+def test_a_data_state_this_trainer_writes_has_no_problem():
+    state = {"seed": 7, "run": "abc", "parent": None, "settings": {"seed": 7}, "loader": {"epoch": 2, "done": 3}}
+    assert lifecycle.data_state_problems(state) == []
+    assert lifecycle.data_state_problems({**state, "loader": {"_snapshot": {}}}) == []  # a stream's, torchdata's

@@ -410,6 +410,21 @@ def test_streaming_from_shards_resumes_exactly_with_workers(tiny_sdxl, fill_shar
     assert_resume_is_exact(tiny_sdxl, fill_shards, tmp_path, flags)
 
 
+def test_a_stream_resumed_with_another_worker_count_is_refused_naming_the_flag(tiny_sdxl, fill_shards, tmp_path,
+                                                                             monkeypatch):
+    """A stream's position lives in its DataLoader workers, each reading its own shards: a requeue with another
+    --dataloader_num_workers stops before any model loads, naming the flag and the saved count (torchdata died in
+    a bare AssertionError, or hung)."""
+    flags = ["--streaming", *SHARD_COLUMNS, "--shuffle_buffer_size", 8, "--checkpointing_steps", 2]
+    run_training(training_argv(tiny_sdxl, fill_shards, tmp_path, *flags, "--max_train_steps", 2,
+                               "--dataloader_num_workers", 2))
+    monkeypatch.setattr(train, "load_models", lambda *a: pytest.fail("models loaded"))
+    with pytest.raises(ValueError, match=r"with --dataloader_num_workers 1: its stream position was saved by 2"
+                                         r" DataLoader worker\(s\).* Pass --dataloader_num_workers 2\."):
+        run_training(training_argv(tiny_sdxl, fill_shards, tmp_path, *flags, "--max_train_steps", 4,
+                                   "--dataloader_num_workers", 1, "--resume_from_checkpoint", "latest"))
+
+
 def test_two_processes_stream_with_buckets_and_resume(tiny_sdxl, fill_shards, tmp_path):
     """2 processes (gloo), each streaming its own 2 shards with buckets: both ranks agree, and the
     resumed run ends where the straight one ends."""

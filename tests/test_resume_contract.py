@@ -11,7 +11,7 @@ import pytest
 
 import train_t2i_adapter_sdxl as train
 from helpers import load_adapter_weights, max_weight_difference, run_training, training_argv
-from t2i_train import data, files, lifecycle
+from t2i_train import data, files, lifecycle, manifest
 
 
 @pytest.fixture
@@ -78,10 +78,50 @@ def test_a_changed_setting_outside_the_free_list_is_named(straight_run, tmp_path
     assert re.search(r"Resuming with changed settings, .*: crops_coords_top_left_h 0 → 8\.", caplog.text)
 
 
-def test_another_worker_count_is_refused_before_any_model_loads(straight_run, tmp_path, monkeypatch):
+def test_another_worker_count_continues_map_style_data_exactly(straight_run, tmp_path):
+    """A requeue on a node with other CPUs: for map-style data the position is the sampler's, so a run saved with no
+    DataLoader workers continues with two (and back) and ends bit for bit where the straight run ends."""
+    assert run_training(resumed_from_step_2(straight_run, tmp_path, ("--dataloader_num_workers", 2))) == 4
+    assert max_weight_difference(load_adapter_weights(straight_run[0]), load_adapter_weights(tmp_path)) == 0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("done", -3, r'"loader"."done" is -3, not a whole number'),
+    ("epoch", -1, r'"loader"."epoch" is -1, not a whole number'),
+    ("epoch", "2", r""""loader"."epoch" is '2', not a whole number"""),
+    ("loader", None, r'"loader" is None, not the loader\'s position'),
+    ("seed", "0", r"\"seed\" is '0', not a whole number"),
+])
+def test_a_hand_edited_data_state_is_refused_naming_the_file_and_field(straight_run, tmp_path, monkeypatch,
+                                                                        field, value, message):
+    """Negative indices would replay an epoch's last batches through Python's indexing, and a string or a missing
+    position died in a bare traceback: each is refused before any model loads, naming the file and the field."""
+    argv = resumed_from_step_2(straight_run, tmp_path)
+    path = tmp_path / "checkpoint-2" / "data_state_0.json"
+    state = json.loads(path.read_text())
+    if field in ("done", "epoch"):
+        state["loader"][field] = value
+    else:
+        state[field] = value
+    path.write_text(json.dumps(state))
+    (tmp_path / "checkpoint-2" / manifest.MANIFEST_FILE).unlink()  # as in a checkpoint of an earlier version
     monkeypatch.setattr(train, "load_models", lambda *a: pytest.fail("models loaded"))
-    with pytest.raises(ValueError, match=r"--dataloader_num_workers 0 → 2 \(the loader's saved position"):
-        run_training(resumed_from_step_2(straight_run, tmp_path, ("--dataloader_num_workers", 2)))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r" is not a data state this trainer wrote \(.*" + message):
+        run_training(argv)
+
+
+@pytest.mark.parametrize("position,message", [
+    ({"epoch": 0, "done": 10**6}, r'"done" is 1000000, more than the 8 batches of an epoch'),
+    ({"epoch": 999, "done": 0}, r'"epoch" 999 and "done" 0 are 7992 batches of 8 an epoch, more than the run read'),
+])
+def test_a_position_beyond_the_run_is_refused(straight_run, tmp_path, position, message):
+    """An epoch the run cannot have reached, or more batches done than an epoch has, were taken silently."""
+    argv = resumed_from_step_2(straight_run, tmp_path)
+    path = tmp_path / "checkpoint-2" / "data_state_0.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "loader": position}))
+    (tmp_path / "checkpoint-2" / manifest.MANIFEST_FILE).unlink()
+    with pytest.raises(ValueError, match=r"its loader position in \S+data_state_0.json does not fit this run .*" + message):
+        run_training(argv)
 
 
 def test_a_cut_short_finished_marker_is_warned_about_and_the_run_decides_from_its_checkpoints(
@@ -97,7 +137,7 @@ def test_a_cut_short_finished_marker_is_warned_about_and_the_run_decides_from_it
     with caplog.at_level(logging.WARNING):
         assert run_training(argv) == 4
     assert f"The finished marker {folder / lifecycle.FINISHED_FILE} is unreadable" in caplog.text
-    assert json.loads((folder / lifecycle.FINISHED_FILE).read_text()) == {"step": 4}
+    assert json.loads((folder / lifecycle.FINISHED_FILE).read_text()) == {"step": 4, "batches_per_epoch": 8}
     assert max_weight_difference(load_adapter_weights(straight_run[0]), load_adapter_weights(folder)) == 0
     (folder / lifecycle.FINISHED_FILE).write_text("[]")
     for checkpoint in folder.glob("checkpoint-*"):
@@ -105,6 +145,20 @@ def test_a_cut_short_finished_marker_is_warned_about_and_the_run_decides_from_it
     new_run = [part for part in argv if part not in ("--resume_from_checkpoint", "latest")]
     with pytest.raises(ValueError, match="already holds a finished run"):  # the adapter there is not overwritten
         run_training(new_run)
+
+
+def test_a_finished_runs_requeue_with_more_epochs_trains_them(tiny_sdxl, fill_data, tmp_path):
+    """--num_train_epochs 2 on the requeue of a finished 1-epoch run trains the second epoch (it said "The run is
+    complete"), ending bit for bit where a straight 2-epoch run ends."""
+    run = tmp_path / "run"
+    first = training_argv(tiny_sdxl, fill_data, run, "--num_train_epochs", 1, "--checkpointing_steps", 4)
+    assert run_training(first) == 8  # 32 samples, batches of 4
+    assert run_training([*first, "--resume_from_checkpoint", "latest"]) == 8  # the same command: nothing to train
+    second = training_argv(tiny_sdxl, fill_data, run, "--num_train_epochs", 2, "--checkpointing_steps", 4,
+                           "--resume_from_checkpoint", "latest")
+    assert run_training(second) == 16
+    run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "straight", "--num_train_epochs", 2))
+    assert max_weight_difference(load_adapter_weights(run), load_adapter_weights(tmp_path / "straight")) == 0
 
 
 def test_a_json_write_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):
