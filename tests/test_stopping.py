@@ -141,3 +141,37 @@ def test_sigusr1_saves_the_last_step_and_stops_like_sigterm(tiny_sdxl, fill_data
     run_training(training_argv(tiny_sdxl, fill_data, output_dir, *common, "--resume_from_checkpoint", "latest"))
     run_training(training_argv(tiny_sdxl, fill_data, tmp_path / "straight", *common))
     assert max_weight_difference(load_adapter_weights(output_dir), load_adapter_weights(tmp_path / "straight")) == 0
+
+
+def test_a_rank_killed_with_sigkill_ends_the_whole_job_within_seconds(tiny_sdxl, fill_data, tmp_path):
+    """Two processes under torchrun (gloo), each with a DataLoader worker; one is killed with SIGKILL (the
+    out-of-memory killer, a lost node). The other fails in its next collective and, its worker killed rather
+    than waited for, exits at once: the job ends with a non-zero status well before torchrun's 30 s grace, no
+    process is left, and the output folder is free for the requeue."""
+    import psutil
+
+    output_dir = tmp_path / "out"
+    argv = training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", 1000, "--checkpointing_steps", 2,
+                         "--dataloader_num_workers", 1)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            SCRIPT, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    deadline = time.time() + 300
+    while not (output_dir / "checkpoint-2").is_dir():
+        assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.1)
+    trainers = psutil.Process(job.pid).children()
+    every_process = psutil.Process(job.pid).children(recursive=True)  # the trainers and their workers
+    assert len(trainers) == 2 and len(every_process) == 4
+    killed = time.time()
+    trainers[1].kill()
+    try:
+        returncode = job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert returncode != 0 and time.time() - killed < 25, f"the job took {time.time() - killed:.0f} s to end"
+    assert not [process for process in every_process if process.is_running()
+                and process.status() != psutil.STATUS_ZOMBIE]
+    assert not folder_is_locked(output_dir)
