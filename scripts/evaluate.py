@@ -87,6 +87,10 @@ def parse_args(argv=None):
     parser.add_argument("--grid_rows", type=int, default=8)
     parser.add_argument("--num_threads", type=int, default=1, help="torch threads (tiny models gain nothing from more).")
     args = parser.parse_args(argv)
+    for flag in ("num_samples", "num_images"):  # one pair "rolled by one" is its own condition: a gain of 0
+        if getattr(args, flag) < 2:
+            parser.error(f"--{flag} must be at least 2 (each pair's condition is compared with another pair's),"
+                         f" got {getattr(args, flag)}")
     if args.data_dir and args.dataset_name:
         parser.error("give only one of --data_dir and --dataset_name")
     uses_dataset = bool(args.data_dir or args.dataset_name)

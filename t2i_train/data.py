@@ -22,9 +22,13 @@ from .images import open_stored_image, verified_upright_size
 
 logger = get_logger(__name__)
 
-SAMPLE_CHECK_RULES = 2  # part of each sample-check record's key: raise it when inspect_sample's rules change
+SAMPLE_CHECK_RULES = 3  # part of each sample-check record's key: raise it when inspect_sample's rules change
 CONDITION_MADE_ON_THE_FLY = "made on the fly"  # a sample's condition with --conditioning_type canny
 CONDITION_STRETCH_TOLERANCE = 0.01  # a condition stored at another size may be this much out of proportion
+# The longest side over the shortest. The transform resizes the short side to --resolution before it crops:
+# at 1024 a 16:1 panorama passes through a 50 MB picture, a 4,000,000 × 1 sliver (an 11 KB PNG) would need
+# 768 GB. Photographs and panoramas stay well inside 16:1.
+MAX_ASPECT_RATIO = 16
 IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
 SPLIT_FOLDERS = ("train", "test", "validation")  # a local folder's split folders that `datasets` names alike
 # A split's name as `datasets` finds it in a file's path; a folder with one elsewhere is left to `datasets`.
@@ -184,6 +188,9 @@ def inspect_sample(image, conditioning_image, caption):
         except Exception as error:
             return f"unreadable {name} ({error})", None
     (width, height), *condition_size = sizes
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"image is {width}x{height}: its long side is more than {MAX_ASPECT_RATIO} times its short side, the"
+                " limit (the transform resizes the short side to the resolution before it crops)"), None
     if condition_size and not condition_fits((width, height), condition_size[0]):
         other_width, other_height = condition_size[0]
         return (

@@ -202,3 +202,15 @@ def test_the_pretrained_base_keeps_the_text_encoders_it_was_trained_with(tiny_fi
     for name, digest in record["text_encoder_sha256"].items():
         with open(os.path.join(tiny_fill_base, name, "model.safetensors"), "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == digest, name
+
+
+@pytest.mark.parametrize("flag", ["--num_samples", "--num_images"])
+def test_evaluate_refuses_a_single_pair(flag, capsys):
+    """With one pair, "the pairs rolled by one" is the true condition, and the gain came out exactly 0.000 as if
+    measured: fewer than 2 pairs are refused, as the trainer refuses --validation_pairs 1, before any model loads."""
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.parse_args(["--pretrained_model_name_or_path", "m", flag, "1"])
+    assert stopped.value.code == 2
+    assert f"{flag} must be at least 2 (each pair's condition is compared with another pair's), got 1" in (
+        capsys.readouterr().err)
+    assert evaluate.parse_args(["--pretrained_model_name_or_path", "m", flag, "2"])

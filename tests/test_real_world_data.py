@@ -539,6 +539,19 @@ def test_the_sample_check_refuses_only_conditions_that_cannot_be_aligned(image_s
         assert "cannot be aligned" in problem
 
 
+@pytest.mark.parametrize("size,refused", [((4_000_000, 1), True), ((170, 10), True), ((10, 170), True),
+                                          ((160, 10), False), ((10, 160), False)])
+def test_the_sample_check_refuses_slivers_beyond_16_to_1(size, refused):
+    """The transform resizes the short side to the resolution before it crops: a 4,000,000 × 1 sliver would become
+    a 256,000,000 × 64 picture. Beyond 16:1 an image is a bad sample, named with its size."""
+    stored = stored_png(Image.new("RGB", size))
+    problem, _ = data.inspect_sample(stored, stored, "a caption")
+    if refused:
+        assert problem.startswith(f"image is {size[0]}x{size[1]}: its long side is more than 16 times"), problem
+    else:
+        assert problem is None
+
+
 def half_size_condition_folder(fill_data, folder):
     """The fill samples with every condition stored at half size (32×32 for 64×64 images)."""
     source = Path(fill_data["imagefolder"])

@@ -200,12 +200,23 @@ def drop_caption(folder, rows, row):
     rows[row]["text"] = None
 
 
+def make_sliver(folder, rows, row):
+    """A 4000 × 1 image and condition (web-scraped sets hold such slivers; at 4,000,000 × 1, an 11 KB PNG, the
+    resize before the crop ran out of memory mid-training)."""
+    from PIL import Image
+
+    for column in ("file_name", "conditioning_image_file_name"):
+        Image.new("RGB", (4000, 1), (200, 10, 10)).save(folder / "train" / rows[row][column])
+
+
 BAD_SAMPLES = {
     "corrupt image": (corrupt_image, r"row 5: unreadable image"),
     "condition of another aspect ratio": (squash_condition, r"row 5: conditioning image is 64x40 but the image is"
                                                             r" 64x64: their aspect ratios differ by 60%, so the"
                                                             r" condition cannot be aligned with the image"),
     "missing caption": (drop_caption, r"row 5: missing caption \(None\)"),
+    "extreme aspect ratio": (make_sliver, r"row 5: image is 4000x1: its long side is more than 16 times its short"
+                                          r" side, the limit"),
 }
 
 
