@@ -5,14 +5,21 @@ overwrite: same size, other bytes) is found instead of trained on."""
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from .files import write_json_atomically
 
 MANIFEST_FILE = "manifest.json"
-# SHA-256: `sha256sum` checks a file by hand, and with the CPU's SHA instructions it reads ~1.3 GB/s,
-# about 0.7 s for an SDXL adapter's checkpoint (scripts/benchmark_checkpoint_io.py).
+# SHA-256: `sha256sum` checks a file by hand, and with the CPU's SHA instructions it reads ~1.3 GB/s. The
+# files are hashed in parallel (hashlib lets go of the GIL): the optimizer's state, two thirds of an SDXL
+# adapter's checkpoint, sets the time (scripts/benchmark_checkpoint_io.py).
 ALGORITHM = "sha256"
 CHUNK = 8 * 2**20
+
+
+def file_digests(paths, algorithm=ALGORITHM):
+    with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:
+        return list(pool.map(lambda path: file_digest(path, algorithm), paths))
 
 
 def file_digest(path, algorithm=ALGORITHM):
@@ -36,10 +43,10 @@ def folder_files(folder):
 
 def write_manifest(folder):
     """Write MANIFEST_FILE in `folder`, listing each of its files with its size and checksum; returns it."""
-    files = {}
-    for name in folder_files(folder):
-        path = os.path.join(folder, name)
-        files[name] = {"size": os.path.getsize(path), ALGORITHM: file_digest(path)}
+    names = folder_files(folder)
+    paths = [os.path.join(folder, name) for name in names]
+    files = {name: {"size": os.path.getsize(path), ALGORITHM: digest}
+             for name, path, digest in zip(names, paths, file_digests(paths))}
     manifest = {"algorithm": ALGORITHM, "files": files}
     write_json_atomically(os.path.join(folder, MANIFEST_FILE), manifest)
     return manifest
@@ -61,14 +68,17 @@ def manifest_problems(folder):
         listed = {name: (entry["size"], entry[algorithm]) for name, entry in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return [f"{MANIFEST_FILE} is unreadable ({type(error).__name__}: {error})"]
-    problems = []
+    problems, to_hash = [], []
     for name, (size, checksum) in listed.items():
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
             problems.append(f"{name} is missing (the manifest lists it)")
         elif os.path.getsize(file) != size:
             problems.append(f"{name} has {os.path.getsize(file)} bytes, the manifest says {size}")
-        elif file_digest(file, algorithm) != checksum:
-            problems.append(f"{name}: its checksum differs from the manifest's (damaged after it was written:"
-                            " a bad disk block, a partial overwrite)")
+        else:
+            to_hash.append((name, file, checksum))
+    digests = file_digests([file for _, file, _ in to_hash], algorithm)
+    problems += [f"{name}: its checksum differs from the manifest's (damaged after it was written: a bad disk"
+                 " block, a partial overwrite)" for (name, _, checksum), digest in zip(to_hash, digests)
+                 if digest != checksum]
     return problems

@@ -124,3 +124,25 @@ def test_the_upstream_row_runs_the_trainer_as_upstream_does(tiny_sdxl, fill_data
             assert calls == {"recorded_scan_samples": 1, "encode_prompt": steps, "adapter_training_loss": steps}
             assert reports[row]["text_cache_mb"] == 0 and not unet_has_gradients
         assert reports[row]["seconds_per_step"] > 0 and 0 < reports[row]["seconds_to_step_1"]
+
+
+def test_the_checkpoint_benchmark_saves_through_the_trainers_code_and_verifies_it(tmp_path, capsys):
+    """scripts/benchmark_checkpoint_io.py at an eighth of the adapter's channels: it saves a checkpoint with the
+    trainer's save_checkpoint (the manifest included), which verifies, and prints its table."""
+    import benchmark_checkpoint_io
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from t2i_train import lifecycle, manifest
+
+    try:
+        benchmark_checkpoint_io.main(benchmark_checkpoint_io.parse_args(
+            ["--folder", str(tmp_path), "--channels_divisor", "8", "--repeats", "1"]))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    checkpoint = tmp_path / "run-0" / "checkpoint-1"
+    assert lifecycle.checkpoint_problems(str(checkpoint), 0, read=True) == []
+    assert manifest.manifest_problems(checkpoint) == [] and (checkpoint / manifest.MANIFEST_FILE).is_file()
+    table = capsys.readouterr().out
+    assert "| save_checkpoint (measured, page cache) |" in table and "| resume: verifying the manifest |" in table
