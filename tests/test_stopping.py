@@ -73,6 +73,7 @@ def test_a_signal_to_a_one_process_accelerate_launch_saves_within_its_5_s_and_re
     job.signal_group()
     job.wait()
     step, saved, seconds = stop_line(job.stderr)
+    print(f"signal to complete checkpoint: {seconds:.1f} s")
     assert (step, os.path.basename(saved)) == (1, "checkpoint-1") and seconds < 5, job.stderr[-3000:]
     assert (output_dir / "checkpoint-1").is_dir() and not (output_dir / "checkpoint-1.tmp").exists()
 
