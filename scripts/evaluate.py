@@ -87,10 +87,11 @@ def parse_args(argv=None):
     parser.add_argument("--grid_rows", type=int, default=8)
     parser.add_argument("--num_threads", type=int, default=1, help="torch threads (tiny models gain nothing from more).")
     args = parser.parse_args(argv)
-    for flag in ("num_samples", "num_images"):  # one pair "rolled by one" is its own condition: a gain of 0
+    # One pair "rolled by one" is its own condition: a gain of exactly 0, reported as if measured.
+    for flag, why in (("num_samples", "the gain compares each pair's condition with another pair's"),
+                      ("num_images", "the shuffled images are generated from another pair's condition")):
         if getattr(args, flag) < 2:
-            parser.error(f"--{flag} must be at least 2 (each pair's condition is compared with another pair's),"
-                         f" got {getattr(args, flag)}")
+            parser.error(f"--{flag} must be at least 2 ({why}), got {getattr(args, flag)}")
     if args.data_dir and args.dataset_name:
         parser.error("give only one of --data_dir and --dataset_name")
     uses_dataset = bool(args.data_dir or args.dataset_name)
@@ -142,12 +143,14 @@ def dataset_rows(args, count):
     """The first `count` rows of --data_dir / --dataset_name's split."""
     from datasets import Dataset
 
-    splits = data.open_dataset(args.data_dir or args.dataset_name, data_config(args))
+    flag, location = ("--data_dir", args.data_dir) if args.data_dir else ("--dataset_name", args.dataset_name)
+    splits = data.open_dataset(location, data_config(args))
     split = args.split or next((name for name in ("validation", "test", "train") if name in splits), next(iter(splits)))
     rows = splits[split]
     data.check_columns(rows.column_names, data_config(args))
     if not isinstance(rows, Dataset) or len(rows) < 2:
-        raise SystemExit(f"The split {split!r} has {len(rows)} rows; the gain needs at least 2.")
+        raise SystemExit(f"`{flag}` {location!r} has {len(rows)} sample(s) in {split!r}; at least 2 are needed"
+                         " (the gain compares each pair's condition with another pair's).")
     return rows.select(range(min(count, len(rows))))
 
 

@@ -22,12 +22,14 @@ from .images import open_stored_image, verified_upright_size
 
 logger = get_logger(__name__)
 
-SAMPLE_CHECK_RULES = 3  # part of each sample-check record's key: raise it when inspect_sample's rules change
+SAMPLE_CHECK_RULES = 4  # part of each sample-check record's key: raise it when inspect_sample's rules change
 CONDITION_MADE_ON_THE_FLY = "made on the fly"  # a sample's condition with --conditioning_type canny
 CONDITION_STRETCH_TOLERANCE = 0.01  # a condition stored at another size may be this much out of proportion
-# The longest side over the shortest. The transform resizes the short side to --resolution before it crops:
-# at 1024 a 16:1 panorama passes through a 50 MB picture, a 4,000,000 × 1 sliver (an 11 KB PNG) would need
-# 768 GB. Photographs and panoramas stay well inside 16:1.
+# The longest side over the shortest, of an image and of its condition. The transform resizes the short side to
+# --resolution before it crops: at 1024 a 16:1 panorama passes through a 50 MB picture, a 4,000,000 × 1 sliver
+# (an 11 KB PNG) would need 768 GB. Photographs and panoramas stay well inside 16:1 (about 4:1). A condition is
+# resized to its image's size instead: beyond 16:1 one aligns only with an image at the limit, or is a pixel or
+# two thin (a damaged file), and one rule for both pictures keeps the check simple.
 MAX_ASPECT_RATIO = 16
 IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
 SPLIT_FOLDERS = ("train", "test", "validation")  # a local folder's split folders that `datasets` names alike
@@ -187,10 +189,12 @@ def inspect_sample(image, conditioning_image, caption):
                 sizes.append(verified_upright_size(opened))
         except Exception as error:
             return f"unreadable {name} ({error})", None
+    for (name, _), (width, height) in zip(stored, sizes):
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            why = " (the transform resizes the short side to the resolution before it crops)" if name == "image" else ""
+            return (f"{name} is {width}x{height}: its long side is more than {MAX_ASPECT_RATIO} times its short side,"
+                    f" the limit{why}"), None
     (width, height), *condition_size = sizes
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        return (f"image is {width}x{height}: its long side is more than {MAX_ASPECT_RATIO} times its short side, the"
-                " limit (the transform resizes the short side to the resolution before it crops)"), None
     if condition_size and not condition_fits((width, height), condition_size[0]):
         other_width, other_height = condition_size[0]
         return (

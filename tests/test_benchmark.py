@@ -129,9 +129,9 @@ def test_the_upstream_row_runs_the_trainer_as_upstream_does(tiny_sdxl, fill_data
 def test_the_checkpoint_benchmark_saves_through_the_trainers_code_and_verifies_it(tmp_path, capsys):
     """scripts/benchmark_checkpoint_io.py at an eighth of the adapter's channels: it saves a checkpoint with the
     trainer's save_checkpoint (the manifest included), which verifies, and prints its table."""
-    import benchmark_checkpoint_io
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
+    import benchmark_checkpoint_io
     from t2i_train import lifecycle, manifest
 
     try:

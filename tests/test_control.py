@@ -6,6 +6,8 @@ control scores (fill IoU, edge F1, SSIM) on known answers."""
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
@@ -211,6 +213,23 @@ def test_evaluate_refuses_a_single_pair(flag, capsys):
     with pytest.raises(SystemExit) as stopped:
         evaluate.parse_args(["--pretrained_model_name_or_path", "m", flag, "1"])
     assert stopped.value.code == 2
-    assert f"{flag} must be at least 2 (each pair's condition is compared with another pair's), got 1" in (
-        capsys.readouterr().err)
+    why = {"--num_samples": "the gain compares each pair's condition with another pair's",
+           "--num_images": "the shuffled images are generated from another pair's condition"}[flag]
+    assert f"{flag} must be at least 2 ({why}), got 1" in capsys.readouterr().err
     assert evaluate.parse_args(["--pretrained_model_name_or_path", "m", flag, "2"])
+
+
+def test_evaluate_refuses_a_dataset_of_one_pair(fill_data, tmp_path, monkeypatch):
+    """A dataset with a single pair is refused by name before any model loads, whatever --num_samples asks for."""
+    source = Path(fill_data["imagefolder"]) / "train"
+    first = json.loads((source / "metadata.jsonl").read_text().splitlines()[0])
+    folder = tmp_path / "one-pair" / "train"
+    for column in ("file_name", "conditioning_image_file_name"):
+        (folder / first[column]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / first[column], folder / first[column])
+    (folder / "metadata.jsonl").write_text(json.dumps(first) + "\n")
+    monkeypatch.setattr(evaluate, "load_models", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["--pretrained_model_name_or_path", "m", "--data_dir", str(folder.parent)])
+    assert str(stopped.value) == (f"`--data_dir` {str(folder.parent)!r} has 1 sample(s) in 'train'; at least 2 are"
+                                  " needed (the gain compares each pair's condition with another pair's).")

@@ -552,6 +552,24 @@ def test_the_sample_check_refuses_slivers_beyond_16_to_1(size, refused):
         assert problem is None
 
 
+@pytest.mark.parametrize("image_size,condition_size,refused", [
+    ((16, 1), (32, 1), True),  # aligns within the one-pixel rounding tolerance, but 32:1
+    ((1600, 100), (1610, 100), True),  # aligns within 1 %, but just beyond 16:1
+    ((1600, 100), (800, 50), False),  # a half-size condition of an image at the limit
+    ((64, 64), (4000, 1), True),  # named as a sliver rather than as a condition that cannot be aligned
+])
+def test_the_sample_check_refuses_conditions_beyond_16_to_1(image_size, condition_size, refused):
+    """A condition beyond the limit is a bad sample by the same rule as an image, even where it would align."""
+    image, condition = stored_png(Image.new("RGB", image_size)), stored_png(Image.new("RGB", condition_size))
+    problem, _ = data.inspect_sample(image, condition, "a caption")
+    width, height = condition_size
+    if refused:
+        assert problem == (f"conditioning image is {width}x{height}: its long side is more than 16 times its short"
+                           " side, the limit"), problem
+    else:
+        assert problem is None
+
+
 def half_size_condition_folder(fill_data, folder):
     """The fill samples with every condition stored at half size (32×32 for 64×64 images)."""
     source = Path(fill_data["imagefolder"])

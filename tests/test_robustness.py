@@ -209,6 +209,15 @@ def make_sliver(folder, rows, row):
         Image.new("RGB", (4000, 1), (200, 10, 10)).save(folder / "train" / rows[row][column])
 
 
+def make_condition_sliver(folder, rows, row):
+    """A 16 × 1 image (at the limit) with a 32 × 1 condition (beyond it), which aligns within its one-pixel
+    rounding tolerance: only the limit itself refuses it."""
+    from PIL import Image
+
+    Image.new("RGB", (16, 1), (200, 10, 10)).save(folder / "train" / rows[row]["file_name"])
+    Image.new("RGB", (32, 1), (200, 10, 10)).save(folder / "train" / rows[row]["conditioning_image_file_name"])
+
+
 BAD_SAMPLES = {
     "corrupt image": (corrupt_image, r"row 5: unreadable image"),
     "condition of another aspect ratio": (squash_condition, r"row 5: conditioning image is 64x40 but the image is"
@@ -217,6 +226,9 @@ BAD_SAMPLES = {
     "missing caption": (drop_caption, r"row 5: missing caption \(None\)"),
     "extreme aspect ratio": (make_sliver, r"row 5: image is 4000x1: its long side is more than 16 times its short"
                                           r" side, the limit"),
+    "condition of an extreme aspect ratio": (make_condition_sliver, r"row 5: conditioning image is 32x1: its long"
+                                                                    r" side is more than 16 times its short side,"
+                                                                    r" the limit"),
 }
 
 
@@ -276,6 +288,32 @@ def test_the_sample_check_is_recorded_and_done_again_when_a_file_changes(tiny_sd
     with pytest.raises(ValueError, match=r"1 bad training sample\(s\).*unreadable image"):
         data.load_train_dataset(args, 0, data.recorded_scan_samples)
     assert len(opened) == 96
+
+
+@pytest.mark.parametrize("rules,damage,message", [
+    (2, make_sliver, "image is 4000x1"),  # before images beyond 16:1 were refused
+    (3, make_condition_sliver, "conditioning image is 32x1"),  # before conditions beyond 16:1 were refused
+])
+def test_a_record_of_the_rules_before_the_aspect_limit_lets_no_sliver_through(tiny_sdxl, fill_data, tmp_path,
+                                                                              monkeypatch, rules, damage, message):
+    """The sample check of a version without the limit recorded a sliver as good; its record is keyed on those
+    rules, so it is not read, and the sliver is refused by name."""
+    folder = tmp_path / "data"
+    metadata, rows = copy_imagefolder(fill_data, folder)
+    damage(folder, rows, 5)
+    write_rows(metadata, rows)
+    args = train.parse_args(["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", str(folder),
+                             "--cache_dir", str(tmp_path / "cache")])
+    PartialState()  # accelerate's logger needs its state
+    with monkeypatch.context() as earlier:  # the check as that version made it
+        earlier.setattr(data, "SAMPLE_CHECK_RULES", rules)
+        earlier.setattr(data, "MAX_ASPECT_RATIO", math.inf)
+        assert len(data.load_train_dataset(args, 0, data.recorded_scan_samples).dataset) == 32
+    [record] = (tmp_path / "cache").rglob("t2i_sample_check-*.json")
+    assert json.loads(record.read_text())["bad"] == []
+    with pytest.raises(ValueError, match=rf"1 bad training sample\(s\).*row 5: {message}: its long side is more"
+                                         r" than 16 times its short side, the limit"):
+        data.load_train_dataset(args, 0, data.recorded_scan_samples)
 
 
 def rewrite_keeping_times(path, data):
