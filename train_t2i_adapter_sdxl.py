@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 try:  # the machinery behind the training story, in the package beside this script
-    from t2i_train import configs, control, data, images, lifecycle, loader, memory
+    from t2i_train import configs, control, data, images, lifecycle, loader, memory, stopping
 except ModuleNotFoundError as error:
     if error.name != "t2i_train":
         raise
@@ -974,11 +974,11 @@ def control_pair_batch(rows, args):  # args: a data.DataConfig
 def global_rngs_kept():
     """The global RNGs as they were when the block began: what runs inside (validation, the gain's pairs)
     never changes the draws training makes."""
-    states = lifecycle.global_rng_states()
+    states = stopping.global_rng_states()
     try:
         yield
     finally:
-        lifecycle.restore_global_rng_states(states)
+        stopping.restore_global_rng_states(states)
 
 
 @torch.no_grad()
@@ -1580,8 +1580,8 @@ def training_run(args, adapter_config, accelerator, hooks):
         return global_step
 
     validation, losses, saved_step = None, StepLosses(accelerator.device), global_step
-    step_start = lifecycle.StepStart(batches, accelerator)
-    with lifecycle.PreemptionHandler() as preemption:
+    step_start = stopping.StepStart(batches, accelerator)
+    with stopping.PreemptionHandler() as preemption:
         # A run resumed at its last step (stopped before its final save) only finishes.
         for batch in batches if global_step < max_train_steps else ():
             with accelerator.accumulate(adapter):
@@ -1594,7 +1594,7 @@ def training_run(args, adapter_config, accelerator, hooks):
             if step_loss is not None:  # the last micro-batch of an optimisation step
                 global_step += 1
                 report_step(global_step, step_loss, lr_scheduler, progress_bar, accelerator, hooks)
-                step_start = lifecycle.StepStart(batches, accelerator)
+                step_start = stopping.StepStart(batches, accelerator)
                 if global_step % args.checkpointing_steps == 0:
                     saved_step = save_checkpoint(step_start.position)
                 if global_step % args.validation_steps == 0 and accelerator.is_main_process:
@@ -1625,7 +1625,7 @@ def training_run(args, adapter_config, accelerator, hooks):
 def main(args, hooks=None):
     adapter_config = check_inputs(args)
     accelerator = make_accelerator(args)
-    with lifecycle.exclusive_output_dir(args.output_dir, accelerator), lifecycle.workers_ended_on_error():
+    with lifecycle.exclusive_output_dir(args.output_dir, accelerator), stopping.workers_ended_on_error():
         return training_run(args, adapter_config, accelerator, hooks or RunHooks())
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .data import inspect_sample, refuse_or_skip, stored_sample, undecoded_images
 from .files import replaced_atomically
 from .images import load_upright_rgb
-from .lifecycle import STOP_SIGNALS
+from .stopping import STOP_SIGNALS
 
 logger = get_logger(__name__)
 
@@ -330,7 +330,7 @@ def leave_stop_signals_to_the_main_process(worker_id):
     """DataLoader workers ignore the stop signals. A cluster's preemption (scancel, pod eviction) and
     Ctrl-C signal the whole process group; a worker that died of it would end the run before the main
     process saves its checkpoint. The main process stops the workers when it exits, and kills them when
-    it fails (lifecycle.workers_ended_on_error)."""
+    it fails (stopping.workers_ended_on_error)."""
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
 

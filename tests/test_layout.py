@@ -118,14 +118,14 @@ def test_without_its_package_the_trainer_stops_with_one_line(tmp_path):
 def test_each_rule_has_one_home():
     """A sample's target size is decided in loader.target_size alone (loaded data and streams alike), the
     latent cache's conflicts in loader.latent_cache_conflicts alone (the trainer's check and the planner's
-    suggestions), and the global RNGs' states in lifecycle.global_rng_states alone (the trainer's guard around
+    suggestions), and the global RNGs' states in stopping.global_rng_states alone (the trainer's guard around
     validation and the rollback of an abandoned step both use it)."""
     sources = {path: path.read_text() for path in [TRAINER, *PACKAGE]}
     calls = {name: [path.name for path, text in sources.items() for _ in range(text.count(name))]
              for name in ("nearest_bucket(", "latent_cache_conflicts(", "getstate()", "fork_rng(")}
     assert sorted(calls["nearest_bucket("]) == ["loader.py", "loader.py"]  # its definition and target_size
     assert sorted(calls["latent_cache_conflicts("]) == ["loader.py", "memory.py", "train_t2i_adapter_sdxl.py"]
-    assert calls["getstate()"] == ["lifecycle.py"] and calls["fork_rng("] == []
+    assert calls["getstate()"] == ["stopping.py"] and calls["fork_rng("] == []
 
 
 def test_a_run_builds_the_sigma_table_once_and_names_its_models_and_data_mode(tiny_sdxl, fill_data, tmp_path,
