@@ -86,21 +86,13 @@ def data_state_path(checkpoint, process_index):
     return os.path.join(checkpoint, DATA_STATE_FILE.format(process_index))
 
 
-def checkpoint_run(checkpoint):
-    """The id of the run that wrote `checkpoint` (None when it does not say)."""
+def checkpoint_field(checkpoint, name):
+    """A string field of `checkpoint`'s data state: "run" (the id of the run that wrote it) or "parent" (the
+    checkpoint it continues); None when it does not say."""
     try:
         with open(data_state_path(checkpoint, 0)) as f:
-            return json.load(f).get("run")
-    except (OSError, ValueError):
-        return None
-
-
-def checkpoint_parent(checkpoint):
-    """The name of the checkpoint that `checkpoint` continues (None for a run's first, or when it does not say)."""
-    try:
-        with open(data_state_path(checkpoint, 0)) as f:
-            parent = json.load(f).get("parent")
-        return parent if isinstance(parent, str) else None
+            value = json.load(f).get(name)
+        return value if isinstance(value, str) else None
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -146,7 +138,7 @@ def current_branch(output_dir):
         if path in branch:  # a loop (hand-edited parents)
             break
         branch.append(path)
-        name = checkpoint_parent(path)
+        name = checkpoint_field(path, "parent")
     return branch
 
 
@@ -155,7 +147,7 @@ def prune_checkpoints(output_dir, total_limit, run):
     `total_limit` of them remain: those of abandoned branches first, the current branch's last. A
     checkpoint that another run wrote stays, and so does the current branch's head."""
     checkpoints = list_checkpoints(output_dir)
-    own = [path for path in checkpoints if checkpoint_run(path) == run]
+    own = [path for path in checkpoints if checkpoint_field(path, "run") == run]
     if total_limit is None or len(own) <= total_limit:
         return []
     on_branch = set(current_branch(output_dir) or own[-1:])
@@ -223,8 +215,9 @@ def data_state_problems(state):
     problems = []
     if not (is_count(state.get("seed")) and state["seed"] < 2**32):
         problems.append(f'"seed" is {state.get("seed")!r}, not a whole number from 0 to 2**32 - 1')
-    for name, kind in (("run", str), ("parent", str), ("settings", dict)):  # absent from earlier versions' states
-        if state.get(name) is not None and not isinstance(state[name], kind):
+    # Each absent from earlier versions' states; a run's first checkpoint has a null parent.
+    for name, kind, nullable in (("run", str, False), ("parent", str, True), ("settings", dict, False)):
+        if name in state and not isinstance(state[name], kind) and not (nullable and state[name] is None):
             problems.append(f'"{name}" is {state[name]!r}, not a JSON {"string" if kind is str else "object"}')
     position = state.get("loader")
     if not isinstance(position, dict):

@@ -259,6 +259,8 @@ def test_a_forked_child_does_not_keep_the_output_folder_locked(tmp_path):
     ({"seed": 2**32, "loader": {}}, '"seed" is 4294967296'),
     ({"seed": 0, "run": 5, "loader": {}}, '"run" is 5, not a JSON string'),
     ({"seed": 0, "settings": [], "loader": {}}, '"settings" is [], not a JSON object'),
+    ({"seed": 0, "settings": None, "loader": {}}, '"settings" is None, not a JSON object'),
+    ({"seed": 0, "run": None, "loader": {}}, '"run" is None, not a JSON string'),
     ({"seed": 0}, '"loader" is None'),
     ({"seed": 0, "loader": {"epoch": 1.5, "done": 0}}, '"loader"."epoch" is 1.5'),
     ({"seed": 0, "loader": {"epoch": 1}}, '"loader"."done" is None'),
