@@ -560,11 +560,13 @@ def check_inputs(args):
 # Data: loading, and checking every sample
 # ------------------------------------------------------------------------------------------
 # One path for every mode. The training split is loaded whole or streamed, and every sample is
-# checked before it is trained on. Batches are planned ahead from the run's seed, each sample with
-# a seed of its own for its crop, flip and canny thresholds, so that one transform serves plain
-# centre crops (pixel-equal to upstream's), buckets, random crops and flips and on-the-fly canny.
-# The loader's position is saved in every checkpoint (torchdata's StatefulDataLoader carries it
-# through the DataLoader workers): a resumed run continues exactly where it stopped.
+# checked before it is trained on. Each epoch is planned ahead from the run's seed in total batches
+# (one per optimisation step, split among the processes and accumulation steps), each sample with a
+# seed of its own for every random draw of its training: crop, flip, canny thresholds and caption
+# here, timestep and noise in the loss. So the adapter depends on the total batch only, not on how
+# many processes carry it, and one transform serves plain centre crops (pixel-equal to upstream's),
+# buckets, random crops and flips and on-the-fly canny. The data position is saved in every
+# checkpoint: a resumed run continues exactly where it stopped, on any number of processes.
 
 
 # ------------------------------------------------------------------------------------------
@@ -638,11 +640,24 @@ def condition_at_image_size(condition, image_size, detection_resolution=None):
     return condition if condition.size == tuple(image_size) else condition.resize(image_size, Image.BILINEAR)
 
 
+def choose_caption(caption, proportion_empty_prompts, rng=None):
+    """A sample's caption: in training (with the sample's `rng`) a random one of a list, and the empty
+    prompt with probability `proportion_empty_prompts`; without an rng (validation) the first."""
+    if not (isinstance(caption, str) or (isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0)):
+        raise ValueError(f"A caption must be a string or a non-empty list of strings, got {caption!r}.")
+    if rng is not None and rng.random() < proportion_empty_prompts:
+        return ""
+    if isinstance(caption, str):
+        return caption
+    return caption[rng.randrange(len(caption))] if rng is not None else caption[0]
+
+
 class PairTransform:
     """The one transform: a stored sample to training tensors at a target size, with the sample's
-    own RNG. Image and condition are placed identically (pixel for pixel); with --conditioning_type
-    canny the condition is the edge map of the final crop; with cached latents the image is not
-    decoded, only its size read."""
+    own RNG (which also picks its caption). Image and condition are placed identically (pixel for
+    pixel); with --conditioning_type canny the condition is the edge map of the final crop; with
+    cached latents the image is not decoded, only its size read. The seed goes on with the sample,
+    for its noise."""
 
     def __init__(self, args, augment=True):  # args: the run's data.DataConfig
         self.image_column = args.image_column
@@ -652,6 +667,7 @@ class PairTransform:
         self.detection_resolution = args.detection_resolution
         self.random_crop = args.random_crop and augment  # off for validation pairs: always the centre crop
         self.random_flip = args.random_flip and augment
+        self.augment, self.proportion_empty_prompts = augment, args.proportion_empty_prompts
 
     def __call__(self, sample, target_size, seed, cached_latents=None):
         rng = random.Random(seed)
@@ -663,7 +679,6 @@ class PairTransform:
                 width, height = images.upright_size(opened)
         placement = draw_placement(height, width, target_size, rng, self.random_crop, self.random_flip)
         pair = {
-            "captions": sample[self.caption_column],
             "original_sizes": torch.tensor((height, width)),
             "crop_top_lefts": torch.tensor(placement.crop_top_left()),
         }
@@ -678,6 +693,9 @@ class PairTransform:
             condition = images.load_upright_rgb(sample[self.conditioning_image_column])
             condition = placement.apply(condition_at_image_size(condition, (width, height), self.detection_resolution))
         pair["conditioning_pixel_values"] = transforms.functional.to_tensor(condition)
+        pair["captions"] = choose_caption(sample[self.caption_column], self.proportion_empty_prompts,
+                                          rng if self.augment else None)
+        pair["seed"] = seed
         return pair
 
 
@@ -694,23 +712,6 @@ class PairTransform:
 # ------------------------------------------------------------------------------------------
 # Text embeddings (SDXL: two CLIP encoders, penultimate hidden states, pooled embedding)
 # ------------------------------------------------------------------------------------------
-
-
-def select_captions(raw_captions, proportion_empty_prompts, is_train=True):
-    """One caption per sample: a random one of a list in training (the first otherwise), and the
-    empty prompt with probability `proportion_empty_prompts`. Drawn at every step from Python's
-    RNG, which checkpoints save and restore."""
-    captions = []
-    for caption in raw_captions:
-        if random.random() < proportion_empty_prompts:
-            captions.append("")
-        elif isinstance(caption, str):
-            captions.append(caption)
-        elif isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0:
-            captions.append(random.choice(caption) if is_train else caption[0])
-        else:
-            raise ValueError(f"A caption must be a string or a non-empty list of strings, got {caption!r}.")
-    return captions
 
 
 @torch.no_grad()
@@ -866,6 +867,20 @@ def sample_timesteps(batch_size, num_train_timesteps, device=None, generator=Non
     return timesteps.clamp(0, num_train_timesteps - 1)
 
 
+def draw_sample_noise(seeds, latent_shape, num_train_timesteps):
+    """(timesteps, posterior noise, noise) of a batch, each sample's from its own seed in the plan, so
+    that a sample is noised alike whichever process, micro-batch or device trains it: its timestep, the
+    standard-normal draw of its VAE latent sample, and the noise added to its latents. Drawn on the
+    CPU, one small generator per sample."""
+    timesteps, posterior_noise, noise = [], [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        timesteps.append(sample_timesteps(1, num_train_timesteps, generator=generator))
+        posterior_noise.append(torch.randn(latent_shape, generator=generator))
+        noise.append(torch.randn(latent_shape, generator=generator))
+    return torch.cat(timesteps), torch.stack(posterior_noise), torch.stack(noise)
+
+
 def predict_clean_latents(model_pred, noisy_latents, sigmas, prediction_type):
     """x₀ estimated from the UNet's output, for the Euler (σ) parameterisation."""
     if prediction_type == "epsilon":
@@ -920,12 +935,17 @@ def adapter_training_loss(
 
 
 @torch.no_grad()
-def encode_latents(vae, pixel_values, chunk_size=8, generator=None):
-    """Sample VAE latents (scaled), at most `chunk_size` images at a time to bound memory; from the
-    global RNG unless a `generator` is given."""
+def encode_latent_distribution(vae, pixel_values, chunk_size=8):
+    """(mean, std) of the VAE's latent distribution, at most `chunk_size` images at a time to bound memory."""
     pixel_values = pixel_values.to(vae.device, dtype=vae.dtype)
-    latents = [vae.encode(chunk).latent_dist.sample(generator) for chunk in pixel_values.split(chunk_size)]
-    return torch.cat(latents) * vae.config.scaling_factor
+    distributions = [vae.encode(chunk).latent_dist for chunk in pixel_values.split(chunk_size)]
+    return torch.cat([d.mean for d in distributions]), torch.cat([d.std for d in distributions])
+
+
+def sample_latents(mean, std, posterior_noise, scaling_factor):
+    """The scaled latent sample `vae.encode(x).latent_dist.sample() * scaling_factor` makes, with its
+    standard-normal draw given: for freshly encoded and cached distributions alike."""
+    return (mean.float().contiguous() + std.float() * posterior_noise.to(mean.device)) * scaling_factor
 
 
 # ------------------------------------------------------------------------------------------
@@ -986,10 +1006,11 @@ def prepare_control_pairs(batch, components, args, device, seed=control.CONTROL_
     """ControlPairs on `device`: latents (a posterior sample drawn from `seed`), conditions, the first
     caption's embeddings and the micro-conditioning. The global RNGs are left as they were."""
     vae = components.vae
-    with global_rngs_kept():  # select_captions draws even with no empty prompts
-        captions = select_captions(batch["captions"], 0.0, is_train=False)
-    latents = encode_latents(vae, batch["pixel_values"], generator=torch.Generator(vae.device).manual_seed(seed))
-    prompt_embeds, pooled_embeds = encode_prompt(captions, components.text_encoders, components.tokenizers)
+    mean, std = encode_latent_distribution(vae, batch["pixel_values"])
+    posterior_noise = torch.randn(mean.shape, generator=torch.Generator(vae.device).manual_seed(seed), device=vae.device,
+                                  dtype=mean.dtype)
+    latents = sample_latents(mean, std, posterior_noise, vae.config.scaling_factor)
+    prompt_embeds, pooled_embeds = encode_prompt(batch["captions"], components.text_encoders, components.tokenizers)
     return control.ControlPairs(
         latents.float().to(device), batch["conditioning_pixel_values"].to(device), prompt_embeds.to(device),
         pooled_embeds.to(device), batch_time_ids(batch, args, device),
@@ -1204,6 +1225,7 @@ def make_accelerator(args):
     """The Accelerator (processes, mixed precision, accumulation, trackers), and logging."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,  # the LR schedule counts optimisation steps, on any number of processes
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
@@ -1262,16 +1284,16 @@ def latent_files_for(train_data, components, args, data_config, accelerator):
     return latent_files
 
 
-def total_steps(args, batches_per_epoch):
+def total_steps(args, steps_per_epoch):
     """--max_train_steps, or as many optimisation steps as --num_train_epochs take."""
-    return args.max_train_steps or args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    return args.max_train_steps or args.num_train_epochs * steps_per_epoch
 
 
 def learning_rate(args, num_processes):
     """--learning_rate, multiplied by accumulation × batch size × processes with --scale_lr."""
     if not args.scale_lr:
         return args.learning_rate
-    return args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    return args.learning_rate * lifecycle.total_batch(args, num_processes)
 
 
 def build_optimizer(params, args, lr, device):
@@ -1294,15 +1316,15 @@ def build_optimizer(params, args, lr, device):
     )
 
 
-def build_lr_scheduler(optimizer, args, max_train_steps, num_processes):
-    """The LR schedule, counted in scheduler calls. accelerate's prepared scheduler is called once
-    per process for each optimisation step, so warm-up and length are scaled by the number of
-    processes (upstream does not, and its schedule runs N times too fast on N processes)."""
+def build_lr_scheduler(optimizer, args, max_train_steps):
+    """The LR schedule, counted in optimisation steps: it is stepped once per step (the Accelerator does not
+    step it once per process, as upstream's does), so it is the same on any number of processes and a
+    checkpoint's schedule continues on another."""
     return get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=max_train_steps * num_processes,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=max_train_steps,
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
@@ -1314,22 +1336,21 @@ def build_training(adapter, args, accelerator, max_train_steps):
     batch here."""
     num_processes = accelerator.num_processes
     optimizer = build_optimizer(adapter.parameters(), args, learning_rate(args, num_processes), accelerator.device)
-    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps, num_processes)
+    lr_scheduler = build_lr_scheduler(optimizer, args, max_train_steps)
     if accelerator.state.deepspeed_plugin is not None:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     return accelerator.prepare(adapter, optimizer, lr_scheduler)
 
 
-def log_run_summary(args, accelerator, train_data, batches_per_epoch, max_train_steps, seed):
+def log_run_summary(args, accelerator, train_data, steps_per_epoch, max_train_steps, seed):
     dataset = train_data.dataset
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    total_batch_size = lifecycle.total_batch(args, accelerator.num_processes)
     logger.info("***** Running training *****")
     if train_data.streamed:
         logger.info(f"  Streamed in windows of {args.shuffle_buffer_size} samples")
     else:
-        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
         logger.info(f"  Num examples = {len(dataset)}")
-        logger.info(f"  Num batches each epoch = {batches_per_epoch}")
+        logger.info(f"  Num total batches (optimisation steps) each epoch = {steps_per_epoch}")
         logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  Total train batch size (parallel, distributed, accumulation) = {total_batch_size}")
@@ -1366,11 +1387,11 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
     if "latent_mean" in batch:
         # The loader's batch is in host memory (it is not prepared): the cached distribution goes to the device.
         mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
-        latents = loader.sample_cached_latents(mean, std, vae.config.scaling_factor)
     else:
-        latents = encode_latents(vae, batch["pixel_values"])
-    captions = select_captions(batch["captions"], args.proportion_empty_prompts)
-    prompt_embeds, pooled_embeds = hooks.encode_prompt(captions, components)
+        mean, std = encode_latent_distribution(vae, batch["pixel_values"])
+    timesteps, posterior_noise, noise = draw_sample_noise(batch["seed"], mean.shape[1:], len(sigmas_by_timestep))
+    latents = sample_latents(mean, std, posterior_noise, vae.config.scaling_factor)
+    prompt_embeds, pooled_embeds = hooks.encode_prompt(batch["captions"], components)
     time_ids = batch_time_ids(batch, args, device)
     return hooks.training_loss(
         components.unet,
@@ -1382,6 +1403,8 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
         sigmas_by_timestep,
         components.noise_scheduler.config.prediction_type,
         weight_dtype,
+        noise.to(device),
+        timesteps.to(device),
     )
 
 
@@ -1437,7 +1460,8 @@ def optimisation_step(loss, adapter, optimizer, lr_scheduler, accelerator, losse
             accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
     if update:
         optimizer.step()
-    lr_scheduler.step()
+    if accelerator.sync_gradients:  # a skipped step counts too
+        lr_scheduler.step()
     optimizer.zero_grad(set_to_none=args.set_grads_to_none)
     return step_loss
 
@@ -1502,7 +1526,7 @@ def create_hub_repo(args, accelerator):
 
 
 def finish_training(accelerator, adapter, components, control_pairs, args, weight_dtype, global_step, validation,
-                    repo_id, preemption, batches_per_epoch):
+                    repo_id, preemption, steps_per_epoch):
     """The adapter in diffusers format, the final validation (unless this step was just validated),
     the model card and the Hub upload. The adapter is saved first, and the stop-signal handler is
     still on: a signal in this phase ends the validation at its next image and skips the upload,
@@ -1510,7 +1534,7 @@ def finish_training(accelerator, adapter, components, control_pairs, args, weigh
     if not accelerator.is_main_process:
         return
     accelerator.unwrap_model(adapter).save_pretrained(args.output_dir)
-    lifecycle.mark_finished(args.output_dir, global_step, batches_per_epoch)
+    lifecycle.mark_finished(args.output_dir, global_step, steps_per_epoch)
     logger.info(f"Saved the adapter to {args.output_dir}")
     if preemption.received is None and (validation is None or validation["step"] != global_step):
         validation = validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step,
@@ -1528,16 +1552,16 @@ def finish_training(accelerator, adapter, components, control_pairs, args, weigh
 
 def training_run(args, adapter_config, accelerator, hooks):
     """The run itself, from data loading to the final save; returns the last optimisation step."""
-    finished = lifecycle.finished_run(args.output_dir)  # (step, batches per epoch) or None
+    finished = lifecycle.finished_run(args.output_dir)  # (step, steps per epoch) or None
     # A requeue of a finished run trains on only for more steps or epochs; a named checkpoint is a rewind.
     requeued = args.resume_from_checkpoint == "latest"
-    if requeued and finished and finished.step >= total_steps(args, finished.batches_per_epoch):
+    if requeued and finished and finished.step >= total_steps(args, finished.steps_per_epoch):
         logger.info(f"The run is complete: it finished at step {finished.step}. Nothing to train; the adapter in"
                     f" {args.output_dir} is left as it is.")
         return finished.step
     resume_path, resumed_data_state = lifecycle.find_resume_point(args, accelerator)
     seed, run = lifecycle.run_identity(args, accelerator, resumed_data_state)
-    set_seed(seed, device_specific=True)  # each process its own noise; DDP keeps the adapters in step
+    set_seed(seed)  # the new adapter's initial weights; every draw of training comes from its sample's seed
     data_config = data.DataConfig.from_args(args)  # what the data code reads of the flags, once
     with accelerator.main_process_first():  # data first: a bad column fails before any model loads
         train_data = data.load_training_data(data_config, seed, hooks.check_samples)
@@ -1548,17 +1572,17 @@ def training_run(args, adapter_config, accelerator, hooks):
     weight_dtype = set_up_models(components, args, accelerator)
     sigmas_by_timestep = components.sigmas_by_timestep.to(accelerator.device)
     control_pairs = control_pairs_for(train_data, components, args, data_config, accelerator)
-    batches, batches_per_epoch = loader.make_train_dataloader(
+    batches, steps_per_epoch = loader.make_train_dataloader(
         train_data, PairTransform(data_config), data_config, seed, accelerator.process_index,
-        accelerator.num_processes, configs.adapter_total_downscale(adapter_config),
+        accelerator.num_processes, args.gradient_accumulation_steps, configs.adapter_total_downscale(adapter_config),
         latent_files_for(train_data, components, args, data_config, accelerator),
     )
-    max_train_steps = total_steps(args, batches_per_epoch)
+    max_train_steps = total_steps(args, steps_per_epoch)
     adapter, optimizer, lr_scheduler = build_training(components.adapter, args, accelerator, max_train_steps)
     hooks.models_ready(components, train_data, args)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
-    log_run_summary(args, accelerator, train_data, batches_per_epoch, max_train_steps, seed)
+    log_run_summary(args, accelerator, train_data, steps_per_epoch, max_train_steps, seed)
 
     global_step = 0
     settings = lifecycle.run_settings(
@@ -1575,7 +1599,8 @@ def training_run(args, adapter_config, accelerator, hooks):
         measure_control(components, adapter, control_pairs, args, accelerator, weight_dtype, 0)
 
     def save_checkpoint(position):
-        data_state = {"seed": seed, "run": run, "settings": settings, "loader": position}
+        data_state = {"seed": seed, "run": run, "settings": settings,
+                      "loader": lifecycle.saved_position(position, accelerator, args)}
         lifecycle.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, data_state)
         return global_step
 
@@ -1615,7 +1640,7 @@ def training_run(args, adapter_config, accelerator, hooks):
 
         accelerator.wait_for_everyone()
         finish_training(accelerator, adapter, components, control_pairs, args, weight_dtype, global_step, validation,
-                        repo_id, preemption, batches_per_epoch)
+                        repo_id, preemption, steps_per_epoch)
         if preemption.received is not None:  # during the final phase, after the adapter was saved
             preemption.stop(accelerator, global_step, f"the adapter in {args.output_dir}")
     accelerator.end_training()

@@ -193,6 +193,21 @@ def upstream_hooks(train, work_dir):
     return UpstreamHooks()
 
 
+def timed_noise_draws(train):
+    """Time each call of the trainer's per-sample draws (`draw_sample_noise`, once per micro-batch) from
+    here on; returns the list the seconds go to."""
+    seconds, draw = [], train.draw_sample_noise
+
+    def timed(*arguments):
+        start = time.perf_counter()
+        drawn = draw(*arguments)
+        seconds.append(time.perf_counter() - start)
+        return drawn
+
+    train.draw_sample_noise = timed
+    return seconds
+
+
 def run_tiny_row(row, options):
     """One tiny row in this process; returns its measurements."""
     import torch
@@ -218,6 +233,7 @@ def run_tiny_row(row, options):
     if row == "ours+stream":
         argv += ["--streaming"]
     hooks = upstream_hooks(train, work) if row == "upstream" else timed_hooks(train)()
+    draw_seconds = timed_noise_draws(train)
     train.main(train.parse_args(argv), hooks)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report.update(getattr(hooks, "report", {}))
@@ -227,6 +243,8 @@ def run_tiny_row(row, options):
         peak_mb=peak_memory_mb(device),
         batch=batch,
     )
+    if row != "upstream":  # each sample's noise and timestep drawn from its seed, in the same steps
+        report["draw_share"] = statistics.median(draw_seconds[options.warmup:]) / report["seconds_per_step"]
     if row == "ours+cache":
         report["latent_cache_mb"] = folder_mb(latent_dir)
     return report
@@ -297,11 +315,17 @@ def run_sdxl_row(row, options):
     precomputed_text = encode_text() if upstream else None  # upstream encodes every caption before training
 
     def step():
-        with torch.no_grad():
-            latents = train.encode_latents(vae, pixels)
+        mean, std = train.encode_latent_distribution(vae, pixels)
+        if upstream:  # noise, timesteps and the latent sample from the global RNG, in the loss and here
+            noise = timesteps = None
+            posterior_noise = torch.randn_like(mean)
+        else:  # each sample's own draws, from its seed
+            timesteps, posterior_noise, noise = train.draw_sample_noise(range(batch), mean.shape[1:], len(sigmas))
+            timesteps, noise = timesteps.to(device), noise.to(device)
+        latents = train.sample_latents(mean, std, posterior_noise, vae.config.scaling_factor)
         prompt_embeds, pooled = precomputed_text or encode_text()
         loss = training_loss(unet, adapter, latents, conditions, prompt_embeds,
-                             {"text_embeds": pooled, "time_ids": time_ids}, sigmas, "epsilon", dtype)
+                             {"text_embeds": pooled, "time_ids": time_ids}, sigmas, "epsilon", dtype, noise, timesteps)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -413,6 +437,8 @@ def table(reports, baseline_of):
         ("s/step ratio", ratio("seconds_per_step")), ("step-1 ratio", ratio("seconds_to_step_1")),
         *([("again ratio", ratio("seconds_to_step_1_again"))] if has_again else []),
         ("memory ratio", ratio("peak_mb")),
+        *([("noise draws", lambda r: f"{100 * r['draw_share']:.2f}% of a step" if "draw_share" in r else "—")]
+          if any("draw_share" in r for r in reports) else []),
         *([("UNet TFLOP/step", value("unet_tflops_per_step", 1)),
            ("MFU", lambda r: f"{100 * r['mfu']:.1f}%" if "mfu" in r else "—")] if has_mfu else []),
     ]

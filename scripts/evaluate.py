@@ -354,7 +354,7 @@ def main(argv=None):
         for seed in args.seeds
     }
     conditions, targets = pair_images({key: value[: args.num_images] for key, value in batch.items()})
-    prompts = train.select_captions(batch["captions"][: args.num_images], 0.0, is_train=False)
+    prompts = batch["captions"][: args.num_images]  # each pair's first caption
     circles = [circle for *_, circle in samples[: args.num_images]] if samples else None
     scores, images = controllability_table(
         args.pretrained_model_name_or_path, components, adapter, prompts, conditions, args.control_metric, circles,

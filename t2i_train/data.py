@@ -58,6 +58,7 @@ class DataConfig:
     random_flip: bool = False
     aspect_ratio_buckets: bool = False
     train_batch_size: int = 4
+    proportion_empty_prompts: float = 0.0
     max_train_samples: typing.Optional[int] = None
     skip_bad_samples: bool = False
     streaming: bool = False

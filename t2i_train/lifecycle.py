@@ -15,7 +15,7 @@ import uuid
 import zipfile
 
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, load
+from accelerate.utils import broadcast_object_list, gather_object, load
 from diffusers import T2IAdapter
 from safetensors import safe_open
 
@@ -30,14 +30,15 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LOCK_FILE = ".t2i-adapter-training.lock"  # in --output_dir while a run holds it: who holds it
 FINISHED_FILE = "training_finished.json"  # in --output_dir once the final adapter is saved: its step
 BRANCH_FILE = "current_checkpoint.json"  # in --output_dir: the checkpoint the current branch last reached
-DATA_STATE_FILE = "data_state_{}.json"  # each process's loader position and the run's seed, in a checkpoint
-# What a resume on process {} reads from a checkpoint, in every mode (accelerate's names and ours), and
-# what it reads when it is there (DeepSpeed keeps the optimizer in its own files).
+DATA_STATE_FILE = "data_state.json"  # in a checkpoint: the run's seed and id, settings, parent, data position
+# What a resume reads from a checkpoint, in every mode (accelerate's names and ours), and what it reads
+# when it is there: DeepSpeed keeps the optimizer in its own files, and accelerate's random states of
+# process {} are not needed (every draw of training comes from its sample's seed), so a checkpoint of
+# fewer processes has none for the others.
 CHECKPOINT_FILES = (
-    "random_states_{}.pkl", DATA_STATE_FILE,
-    os.path.join(ADAPTER_SUBFOLDER, "config.json"), os.path.join(ADAPTER_SUBFOLDER, ADAPTER_WEIGHTS),
+    DATA_STATE_FILE, os.path.join(ADAPTER_SUBFOLDER, "config.json"), os.path.join(ADAPTER_SUBFOLDER, ADAPTER_WEIGHTS),
 )
-CHECKPOINT_FILES_IF_THERE = ("optimizer.bin", "scheduler.bin")
+CHECKPOINT_FILES_IF_THERE = ("optimizer.bin", "scheduler.bin", "random_states_{}.pkl")
 # The resume contract. Every flag is compared with the checkpoint's, except these, which may change freely:
 # where output goes and how it is logged, validation, checkpoint cadence, the Hub, how long to train, the
 # skip policies, cache folders, and kernels and memory options that leave the maths as it is.
@@ -48,7 +49,8 @@ FREE_ON_RESUME = frozenset({
     "push_to_hub", "hub_token", "hub_model_id", "max_train_steps", "num_train_epochs", "skip_nonfinite_steps",
     "skip_bad_samples", "skip_memory_check", "cache_dir", "latent_cache_dir", "gradient_checkpointing",
     "enable_xformers_memory_efficient_attention", "torch_compile", "set_grads_to_none",
-    "dataloader_num_workers",  # but for a stream's position (refuse_other_stream_workers)
+    # How the total batch is carried: its size is compared, and a stream's layout (refuse_other_layout).
+    "dataloader_num_workers", "train_batch_size", "gradient_accumulation_steps",
 })
 # Compared, and a change is applied from the resumed step on (and said so); the optimizer's own are set
 # again after its state is restored, which would otherwise bring back the checkpoint's values.
@@ -82,15 +84,15 @@ def checkpoint_step(path):
     return int(match.group(1))
 
 
-def data_state_path(checkpoint, process_index):
-    return os.path.join(checkpoint, DATA_STATE_FILE.format(process_index))
+def data_state_path(checkpoint):
+    return os.path.join(checkpoint, DATA_STATE_FILE)
 
 
 def checkpoint_field(checkpoint, name):
     """A string field of `checkpoint`'s data state: "run" (the id of the run that wrote it) or "parent" (the
     checkpoint it continues); None when it does not say."""
     try:
-        with open(data_state_path(checkpoint, 0)) as f:
+        with open(data_state_path(checkpoint)) as f:
             value = json.load(f).get(name)
         return value if isinstance(value, str) else None
     except (OSError, ValueError, AttributeError):
@@ -162,8 +164,8 @@ def prune_checkpoints(output_dir, total_limit, run):
 def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
     """Save the full training state as output_dir/checkpoint-<step>.
 
-    Every process takes part (DeepSpeed needs each rank's shard), and each saves its `data_state`
-    (the run's seed and its loader's position) as JSON, with the checkpoint's parent. The state is
+    Every process takes part (DeepSpeed needs each rank's shard); the main process saves `data_state`
+    (the run's seed, id and settings and the data position) as JSON, with the checkpoint's parent. The state is
     written under a temporary name, given a manifest of every file's size and checksum, and renamed
     once complete; only then are old checkpoints pruned: a crash while saving leaves the previous
     checkpoints intact and never a half-written one as 'latest'.
@@ -174,10 +176,9 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
         shutil.rmtree(tmp_path)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp_path)
-    parent = branch_head(output_dir)
-    write_json_atomically(data_state_path(tmp_path, accelerator.process_index), {**data_state, "parent": parent})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json_atomically(data_state_path(tmp_path), {**data_state, "parent": branch_head(output_dir)})
         manifest.write_manifest(tmp_path)  # every process's files: a resume verifies them
         if os.path.exists(final_path):  # the same step saved again after a resume
             shutil.rmtree(final_path)
@@ -189,12 +190,12 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, data_state):
     return final_path
 
 
-def load_data_state(checkpoint, process_index):
-    """This process's data state saved with the checkpoint: the run's seed and id, its settings, the
-    checkpoint's parent and the loader's position. Plain JSON, so reading it never runs code;
+def load_data_state(checkpoint):
+    """The data state saved with the checkpoint: the run's seed and id, its settings, the checkpoint's
+    parent and the data position. Plain JSON, so reading it never runs code;
     `checkpoint_problems` has made sure it is there. A field that a resume could not use (a hand edit)
     stops it here, named, before anything loads."""
-    path = data_state_path(checkpoint, process_index)
+    path = data_state_path(checkpoint)
     with open(path) as f:
         state = json.load(f)
     problems = data_state_problems(state)
@@ -221,38 +222,92 @@ def data_state_problems(state):
             problems.append(f'"{name}" is {state[name]!r}, not a JSON {"string" if kind is str else "object"}')
     position = state.get("loader")
     if not isinstance(position, dict):
-        problems.append(f'"loader" is {position!r}, not the loader\'s position (a JSON object)')
-    elif "epoch" in position:  # a map-style dataset's position; a stream's is torchdata's own
+        problems.append(f'"loader" is {position!r}, not the data position (a JSON object)')
+    elif "ranks" in position:  # a stream's: torchdata's state on each process, and the layout that saved them
+        layout = position.get("layout")
+        if not (isinstance(layout, dict) and all(is_count(layout.get(name)) for name in STREAM_LAYOUT)):
+            problems.append(f'"loader"."layout" is {layout!r}, not the {", ".join(STREAM_LAYOUT)} that saved the stream')
+        elif not (isinstance(position["ranks"], list) and len(position["ranks"]) == layout["processes"]
+                  and all(isinstance(rank, dict) for rank in position["ranks"])):
+            problems.append(f'"loader"."ranks" is not one stream position (a JSON object) for each of the'
+                            f' {layout["processes"]} processes')
+    else:  # a map-style dataset's: the same on every process
         for name in ("epoch", "done"):
             if not is_count(position.get(name)):
                 problems.append(f'"loader"."{name}" is {position.get(name)!r}, not a whole number from 0 up')
     return problems
 
 
-def refuse_other_stream_workers(data_state, num_workers, checkpoint):
-    """A position saved as torchdata's state (a stream's: its DataLoader workers each read their own
-    shards) holds one state per worker, so it continues only with as many workers. Stops before
-    anything loads, naming the flag."""
-    position = data_state["loader"]
-    if "epoch" in position:  # a map-style position does not depend on the workers
-        return
-    main_state = position.get("_snapshot", {}).get("_main_snapshot", {})  # absent without workers
-    saved = main_state.get("_num_workers", 0) if isinstance(main_state, dict) else 0
-    if saved != num_workers:
+# A stream's position is each process's torchdata state, its DataLoader workers each reading their own shards,
+# and each window planned in micro-batches: it continues only on the same layout.
+STREAM_LAYOUT = ("processes", "workers", "batch_size")
+
+
+def stream_layout(args, num_processes):
+    return dict(zip(STREAM_LAYOUT, (num_processes, args.dataloader_num_workers, args.train_batch_size)))
+
+
+def saved_position(position, accelerator, args):
+    """The data position a checkpoint saves, once for the whole run, from this process's `position`
+    (loader.TrainingBatches.state_dict). A map-style dataset's is the same on every process; a stream's
+    is gathered from all, with the layout that made them. Every process calls this."""
+    if "epoch" in position:
+        return position
+    return {"layout": stream_layout(args, accelerator.num_processes), "ranks": gather_object([position])}
+
+
+def process_position(saved, process_index):
+    """This process's part of a checkpoint's data position (`saved_position`)."""
+    return saved["ranks"][process_index] if "ranks" in saved else saved
+
+
+def total_batch(args, num_processes):
+    return args.train_batch_size * num_processes * args.gradient_accumulation_steps
+
+
+def refuse_other_layout(data_state, args, num_processes, checkpoint):
+    """Stop, before anything loads, a resume that cannot continue exactly on this layout: another total
+    batch (the epoch's plan is made of total batches), or a stream on other processes, workers or
+    micro-batches. Names what keeps it exact."""
+    saved_total = data_state.get("settings", {}).get("total batch size")
+    total = total_batch(args, num_processes)
+    if saved_total is not None and saved_total != total:
+        per_step = args.train_batch_size * num_processes
+        keep = (f"pass --gradient_accumulation_steps {saved_total // per_step}" if saved_total % per_step == 0 else
+                f"choose --train_batch_size and --gradient_accumulation_steps whose product with {num_processes}"
+                f" process(es) is {saved_total}")
         raise ValueError(
-            f"Cannot resume {checkpoint} with --dataloader_num_workers {num_workers}: its stream position was saved"
-            f" by {saved} DataLoader worker(s), each reading its own shards. Pass --dataloader_num_workers {saved}."
+            f"Cannot resume {checkpoint} with a total batch of {total} (--train_batch_size {args.train_batch_size} ×"
+            f" {num_processes} process(es) × --gradient_accumulation_steps {args.gradient_accumulation_steps}): it"
+            f" trained with a total batch of {saved_total}, and each epoch is planned in total batches. To continue"
+            f" it exactly, {keep}. To train on with {total}, start a new run from its adapter"
+            f" (--adapter_model_name_or_path {os.path.join(checkpoint, ADAPTER_SUBFOLDER)}) in another --output_dir."
+        )
+    saved_layout = data_state["loader"].get("layout")
+    layout = stream_layout(args, num_processes)
+    if saved_layout is not None and saved_layout != layout:
+        def named(values):
+            return (f"{values['processes']} process(es) × {values['workers']} DataLoader worker(s) ×"
+                    f" --train_batch_size {values['batch_size']}")
+
+        raise ValueError(
+            f"Cannot resume {checkpoint} on {named(layout)}: its stream position was saved by {named(saved_layout)},"
+            " each process and worker reading its own shards, so another layout would skip or repeat samples."
+            f" Launch it on {named(saved_layout)} (--dataloader_num_workers {saved_layout['workers']},"
+            f" --train_batch_size {saved_layout['batch_size']}), or start a new run from its adapter"
+            f" (--adapter_model_name_or_path {os.path.join(checkpoint, ADAPTER_SUBFOLDER)}) in another --output_dir."
         )
 
 
 def checkpoint_problems(checkpoint, process_index, read=False):
-    """What is wrong with the files a resume on this process reads from `checkpoint`: each missing or
+    """What is wrong with the files a resume on process `process_index` reads from `checkpoint`: each missing or
     empty one, and with `read` each whose format is broken, read without running any code (JSON,
     safetensors headers, torch's zip directory; the small random states loaded as tensors only). Empty
     when the checkpoint is complete."""
     problems = []
-    names = [name.format(process_index) for name in CHECKPOINT_FILES]
-    names += [name for name in CHECKPOINT_FILES_IF_THERE if os.path.exists(os.path.join(checkpoint, name))]
+    names = list(CHECKPOINT_FILES)
+    names += [name.format(process_index) for name in CHECKPOINT_FILES_IF_THERE
+              if os.path.exists(os.path.join(checkpoint, name.format(process_index)))]
     for name in names:
         path = os.path.join(checkpoint, name)
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
@@ -283,29 +338,29 @@ def checkpoint_problems(checkpoint, process_index, read=False):
 
 class FinishedRun(typing.NamedTuple):
     step: int
-    batches_per_epoch: int  # on each process, for how many steps --num_train_epochs makes; 0 when unknown
+    steps_per_epoch: int  # for how many steps --num_train_epochs makes; 0 when unknown
 
 
-def mark_finished(output_dir, step, batches_per_epoch):
+def mark_finished(output_dir, step, steps_per_epoch):
     """Write the finished marker, once the final adapter is saved: a requeue finds the run complete, unless
     it asks for more steps or more epochs (None for a stream, which counts steps only)."""
-    write_json_atomically(os.path.join(output_dir, FINISHED_FILE), {"step": step, "batches_per_epoch": batches_per_epoch})
+    write_json_atomically(os.path.join(output_dir, FINISHED_FILE), {"step": step, "steps_per_epoch": steps_per_epoch})
 
 
 def finished_run(output_dir):
     """The FinishedRun in `output_dir` (its final adapter saved), or None. A marker that cannot be read
     (written by hand, or by an older version in place and cut short) is warned about and taken as absent:
     the run then decides from its checkpoints and the adapter in the folder. An older marker does not
-    say how many batches an epoch had (0): only a larger --max_train_steps trains on."""
+    say how many steps an epoch had (0): only a larger --max_train_steps trains on."""
     path = os.path.join(output_dir, FINISHED_FILE)
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
             marker = json.load(f)
-        step, batches_per_epoch = marker["step"], marker.get("batches_per_epoch") or 0
-        if isinstance(step, int) and step >= 0 and isinstance(batches_per_epoch, int):
-            return FinishedRun(step, batches_per_epoch)
+        step, steps_per_epoch = marker["step"], marker.get("steps_per_epoch") or 0
+        if isinstance(step, int) and step >= 0 and isinstance(steps_per_epoch, int):
+            return FinishedRun(step, steps_per_epoch)
         problem = f"its step is {step!r}"
     except (OSError, ValueError, KeyError, TypeError) as error:
         problem = f"{type(error).__name__}: {error}"
@@ -457,7 +512,7 @@ def exclusive_output_dir(output_dir, accelerator):
 
 
 def find_resume_point(args, accelerator):
-    """(checkpoint, this process's data state in it) to resume from, or (None, None) for a new run.
+    """(checkpoint, its data state) to resume from, or (None, None) for a new run.
     Every file the resume reads is checked first: a damaged checkpoint is named before anything loads."""
     resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_path is None:
@@ -472,12 +527,14 @@ def find_resume_point(args, accelerator):
     if problems:
         raise ValueError(
             f"Cannot resume from {resume_path}: {'; '.join(problems)}. Resume from an earlier checkpoint with"
-            " `--resume_from_checkpoint checkpoint-<step>`, or delete this one. (A checkpoint saved by fewer"
-            " processes, or by an older version of this trainer, lacks data_state files.)"
+            " `--resume_from_checkpoint checkpoint-<step>`, or delete this one."
+            + (" It was saved by an earlier version of this trainer (data_state_0.json), which planned each epoch"
+               " otherwise: resume it with that version." if os.path.exists(os.path.join(resume_path, "data_state_0.json"))
+               else "")
         )
-    data_state = load_data_state(resume_path, accelerator.process_index)
+    data_state = load_data_state(resume_path)
     refuse_changed_settings(data_state.get("settings", {}), vars(args), resume_path)
-    refuse_other_stream_workers(data_state, args.dataloader_num_workers, resume_path)
+    refuse_other_layout(data_state, args, accelerator.num_processes, resume_path)
     if accelerator.is_main_process:  # the checkpoints this run saves continue the resumed one's branch
         set_branch_head(args.output_dir, resume_path)
         with contextlib.suppress(FileNotFoundError):  # the run is in progress again
@@ -507,14 +564,14 @@ def run_identity(args, accelerator, resumed_data_state=None):
 
 def run_settings(args, learning_rate, num_processes, train_data):
     """What a resumed run is compared with, saved in each checkpoint: every flag but FREE_ON_RESUME (so
-    never the Hub token), the learning rate in effect, the number of processes and the dataset's
-    fingerprint."""
+    never the Hub token), the learning rate in effect, the total batch and the dataset's fingerprint. The
+    number of processes is not among them: the adapter depends on the total batch only."""
     dataset = train_data.dataset
     flags = {name: value for name, value in vars(args).items() if name not in FREE_ON_RESUME}
     return {
         **flags,
         "learning_rate": learning_rate,
-        "processes": num_processes,
+        "total batch size": total_batch(args, num_processes),
         "dataset fingerprint": None if train_data.streamed else dataset._fingerprint,
     }
 
@@ -569,14 +626,11 @@ def resume_from(resume_path, data_state, accelerator, batches):
     returns the step to continue from."""
     accelerator.print(f"Resuming from checkpoint {resume_path}")
     step = checkpoint_step(resume_path)
-    # Each step reads as many micro-batches as its accumulation: a position beyond that is not this run's.
-    accumulation = max(data_state.get("settings", {}).get("gradient_accumulation_steps", 1),
-                       accelerator.gradient_accumulation_steps)
-    try:
-        batches.load_state_dict(data_state["loader"], most_batches=step * accumulation)
+    try:  # each step takes one total batch: a position beyond the step is not this run's
+        batches.load_state_dict(process_position(data_state["loader"], accelerator.process_index), most_steps=step)
     except Exception as error:  # torchdata checks a stream's state with bare asserts
         raise ValueError(
-            f"Cannot resume from {resume_path}: its loader position in {data_state_path(resume_path, accelerator.process_index)}"
+            f"Cannot resume from {resume_path}: its data position in {data_state_path(resume_path)}"
             f" does not fit this run ({type(error).__name__}: {error})."
         ) from error
     try:
@@ -586,4 +640,7 @@ def resume_from(resume_path, data_state, accelerator, batches):
             f"Could not resume from {resume_path}: {type(error).__name__}: {error}. The checkpoint may be damaged;"
             " resume from an earlier one with `--resume_from_checkpoint checkpoint-<step>`."
         ) from error
+    # accelerate restores its micro-batch count, which places each gradient sync, from the random states that
+    # the saving layout wrote (or not at all without them): counted again for this layout's accumulation.
+    accelerator.step = step * accelerator.gradient_accumulation_steps
     return step

@@ -81,14 +81,14 @@ def plan_batches(targets, batch_size, rng):
 
 
 def collate_fn(examples):
-    """Stack the tensors of a batch; keep the captions as a list. Samples skipped mid-training (None)
-    are left out; a batch needs one left, since every process must take each step."""
+    """Stack the tensors of a batch; keep the rest (captions, seeds) as lists. Samples skipped mid-training
+    (None) are left out; a batch needs one left, since every process must take each step."""
     examples = [example for example in examples if example is not None]
     if not examples:
         raise ValueError("Every sample of a batch failed mid-training (see the warnings above).")
     return {
-        key: [e[key] for e in examples] if key == "captions" else torch.stack([e[key] for e in examples]).float()
-        for key in examples[0]
+        key: torch.stack([e[key] for e in examples]).float() if torch.is_tensor(value) else [e[key] for e in examples]
+        for key, value in examples[0].items()
     }
 
 
@@ -138,31 +138,34 @@ def load_cached_latents(path):
 def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_of):
     """Encode every image whose latent distribution is not cached yet (each process its share), as
     `pixels_of(image)` makes it the VAE's input (the trainer's centre crop), stored as float16 mean and
-    std. Returns how many this process encoded."""
-    missing = [
-        row
-        for row, key in enumerate(keys)
-        if row % accelerator.num_processes == accelerator.process_index
-        and not os.path.exists(latent_cache_path(cache_dir, key))
-    ]
+    std. A cache folder local to each node holds only its own processes' shares after that: each process
+    then encodes what it still cannot find. Returns how many this process encoded."""
     images = undecoded_images(dataset.select_columns([args.image_column]), args)
-    progress = tqdm(total=len(missing), desc="Caching latents", disable=not accelerator.is_local_main_process)
-    for start in range(0, len(missing), 8):
-        rows = missing[start : start + 8]
-        pixels = torch.stack([
-            pixels_of(load_upright_rgb(images[row][args.image_column]))
-            for row in rows
-        ])
-        distribution = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
-        for row, mean, std in zip(rows, distribution.mean, distribution.std):
-            path = latent_cache_path(cache_dir, keys[row])
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with replaced_atomically(path) as tmp_path:  # readers never see a partial file
-                save_file({"mean": mean.half().cpu().contiguous(), "std": std.half().cpu().contiguous()}, tmp_path)
-        progress.update(len(rows))
-    progress.close()
+
+    def missing(rows):
+        return [row for row in rows if not os.path.exists(latent_cache_path(cache_dir, keys[row]))]
+
+    def encode(rows):
+        progress = tqdm(total=len(rows), desc="Caching latents", disable=not accelerator.is_local_main_process)
+        for start in range(0, len(rows), 8):
+            chunk = rows[start : start + 8]
+            pixels = torch.stack([pixels_of(load_upright_rgb(images[row][args.image_column])) for row in chunk])
+            distribution = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
+            for row, mean, std in zip(chunk, distribution.mean, distribution.std):
+                path = latent_cache_path(cache_dir, keys[row])
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with replaced_atomically(path) as tmp_path:  # readers never see a partial file
+                    save_file({"mean": mean.half().cpu().contiguous(), "std": std.half().cpu().contiguous()}, tmp_path)
+            progress.update(len(chunk))
+        progress.close()
+        return len(rows)
+
+    share = range(accelerator.process_index, len(keys), accelerator.num_processes)
+    encoded = encode(missing(share))
     accelerator.wait_for_everyone()
-    return len(missing)
+    encoded += encode(missing(range(len(keys))))  # none when the folder is shared
+    accelerator.wait_for_everyone()
+    return encoded
 
 
 def cache_latents(dataset, vae, args, accelerator, pixels_of):
@@ -174,39 +177,49 @@ def cache_latents(dataset, vae, args, accelerator, pixels_of):
     return [latent_cache_path(cache_dir, key) for key in keys]
 
 
-def sample_cached_latents(mean, std, scaling_factor):
-    """What `vae.encode(x).latent_dist.sample() * scaling_factor` gives, from the cached distribution."""
-    mean, std = mean.float().contiguous(), std.float()
-    return (mean + std * torch.randn_like(mean)) * scaling_factor
-
-
 class PlannedBatchSampler:
-    """Endless batches of (row, target size, seed) over a map-style dataset: each epoch a new
-    permutation from (seed, epoch), batches grouped by target size, every process its share. Its
-    state (epoch, batches done) is saved with each checkpoint."""
+    """Endless micro-batches of (row, target size, seed) over a map-style dataset, this process's share
+    of each total batch.
 
-    def __init__(self, targets, batch_size, seed, rank=0, world_size=1):
-        self.targets, self.batch_size, self.seed = targets, batch_size, seed
+    Each epoch is planned as a whole from (seed, epoch): a permutation, then total batches of
+    `total_batch` samples, each of one target size, each sample with a seed of its own; a bucket's last,
+    incomplete total batch is left out of the epoch. A total batch is one optimisation step: it is cut into
+    `total_batch // batch_size` micro-batches, and process `rank` takes every `world_size`-th of them
+    (its accumulation steps). So the samples of a step, and each one's randomness, depend on the total
+    batch only, not on how many processes and accumulation steps carry it. The position is (epoch, total
+    batches done)."""
+
+    def __init__(self, targets, total_batch, batch_size, seed, rank=0, world_size=1):
+        if total_batch % (batch_size * world_size):
+            raise ValueError(f"A total batch of {total_batch} is not {world_size} processes × {batch_size}.")
+        self.targets, self.total_batch, self.batch_size, self.seed = targets, total_batch, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.micro_batches = total_batch // (batch_size * world_size)  # this process's, each step
         self.epoch, self.done = 0, 0
 
     def epoch_plan(self, epoch):
+        """The epoch's total batches, each a list of (row, target size, seed)."""
         rng = np.random.default_rng([self.seed, epoch])
-        batches = plan_batches(self.targets, self.batch_size, rng)
+        batches = plan_batches(self.targets, self.total_batch, rng)
         sample_seeds = rng.integers(2**63, size=len(self.targets)).tolist()
-        # Equal shares: every process must take the same number of steps.
-        batches = batches[: len(batches) // self.world_size * self.world_size][self.rank :: self.world_size]
-        return [[(row, tuple(self.targets[row]), sample_seeds[row]) for row in batch] for batch in batches]
+        return [[(row, tuple(self.targets[row]), sample_seeds[row]) for row in batch]
+                for batch in batches if len(batch) == self.total_batch]
 
-    def batches_per_epoch(self):
+    def steps_per_epoch(self):
         return len(self.epoch_plan(0))
+
+    def share(self, batch):
+        """This process's micro-batches of a total batch, in the order it takes them."""
+        size = self.batch_size
+        return [batch[slot * size:(slot + 1) * size]
+                for slot in range(self.rank, self.total_batch // size, self.world_size)]
 
     def __iter__(self):
         while True:
             plan = self.epoch_plan(self.epoch)
             while self.done < len(plan):
                 self.done += 1
-                yield plan[self.done - 1]
+                yield from self.share(plan[self.done - 1])
             self.epoch, self.done = self.epoch + 1, 0
 
     def state_dict(self):
@@ -352,10 +365,11 @@ def loader_options(args, seed):
 class TrainingBatches:
     """The training loop's batches and its position in them, which each checkpoint saves.
 
-    Over a map-style dataset the position is the sampler's (epoch, batches done) of the batches the loop
-    has taken, counted here as they arrive: the DataLoader's workers read ahead, but nothing they hold
-    is part of it, so a run resumes exactly with any number of workers. A stream's position lives in
-    its workers (each reads its own shards), so it is torchdata's state of the whole DataLoader."""
+    Over a map-style dataset the position is the sampler's (epoch, total batches done) of the batches the
+    loop has taken, counted here as they arrive: the DataLoader's workers read ahead, but nothing they hold
+    is part of it. It is the same on every process and for every layout of the total batch, so a run
+    resumes exactly with any number of processes, accumulation steps and workers. A stream's position lives
+    in its workers (each reads its own shards), so it is torchdata's state of this process's DataLoader."""
 
     def __init__(self, dataloader, sampler=None):
         self.dataloader, self.sampler = dataloader, sampler
@@ -366,11 +380,13 @@ class TrainingBatches:
             yield from self.dataloader
             return
         self.sampler.load_state_dict({"epoch": self.epoch, "done": self.done})
-        batches_per_epoch = self.sampler.batches_per_epoch()
+        steps_per_epoch, taken = self.sampler.steps_per_epoch(), 0
         for batch in self.dataloader:
-            if self.done >= batches_per_epoch:  # as the sampler moves on, after an epoch's last batch
-                self.epoch, self.done = self.epoch + 1, 0
-            self.done += 1
+            taken += 1
+            if taken == self.sampler.micro_batches:  # the last micro-batch of a total batch
+                taken, self.done = 0, self.done + 1
+                if self.done == steps_per_epoch:
+                    self.epoch, self.done = self.epoch + 1, 0
             yield batch
 
     def state_dict(self):
@@ -378,30 +394,30 @@ class TrainingBatches:
             return self.dataloader.state_dict()
         return {"epoch": self.epoch, "done": self.done}
 
-    def load_state_dict(self, state, most_batches=None):
-        """Continue from a saved position, which may not lie beyond an epoch's end or beyond `most_batches`
-        read in all (a checkpoint of an earlier version saved torchdata's state for map-style data too;
-        it is restored as it was saved)."""
-        if self.sampler is None or "epoch" not in state:
+    def load_state_dict(self, state, most_steps=None):
+        """Continue from a saved position of a map-style dataset, which may not lie beyond an epoch's end or
+        beyond the `most_steps` the run had taken by then."""
+        if self.sampler is None:
             self.dataloader.load_state_dict(state)
             return
         epoch, done = state["epoch"], state["done"]
-        batches_per_epoch = self.sampler.batches_per_epoch()
-        if done > batches_per_epoch:
-            raise ValueError(f'"done" is {done}, more than the {batches_per_epoch} batches of an epoch')
-        if most_batches is not None and epoch * batches_per_epoch + done > most_batches:
-            raise ValueError(f'"epoch" {epoch} and "done" {done} are {epoch * batches_per_epoch + done} batches'
-                             f" of {batches_per_epoch} an epoch, more than the run read by then ({most_batches})")
+        steps_per_epoch = self.sampler.steps_per_epoch()
+        if done > steps_per_epoch:
+            raise ValueError(f'"done" is {done}, more than the {steps_per_epoch} total batches of an epoch')
+        if most_steps is not None and epoch * steps_per_epoch + done > most_steps:
+            raise ValueError(f'"epoch" {epoch} and "done" {done} are {epoch * steps_per_epoch + done} total batches'
+                             f" of {steps_per_epoch} an epoch, more than the {most_steps} steps the run took by then")
         self.epoch, self.done = epoch, done
 
 
-def make_train_dataloader(train_data, transform, args, seed, rank, world_size, multiple, latent_files=None):
+def make_train_dataloader(train_data, transform, args, seed, rank, world_size, accumulation, multiple,
+                          latent_files=None):
     """The training batches, for a map-style dataset or a stream: a StatefulDataLoader over planned
     batches, in TrainingBatches. Every process builds its own share (it is not passed to
     accelerate.prepare), and its position goes into each checkpoint.
 
-    `train_data` is what `load_training_data` returns; `multiple` is the adapter's total downscale
-    (bucket sides are multiples of it). Returns (TrainingBatches, batches per epoch on this process,
+    `train_data` is what `load_training_data` returns; an optimisation step takes --train_batch_size ×
+    `world_size` × `accumulation` samples, its total batch; `multiple` is the adapter's total downscale (bucket sides are multiples of it). Returns (TrainingBatches, optimisation steps an epoch,
     or None for a stream).
     """
     dataset, sizes = train_data.dataset, train_data.sizes
@@ -410,10 +426,18 @@ def make_train_dataloader(train_data, transform, args, seed, rank, world_size, m
         batches = StreamingBatches(dataset, transform, args, seed, rank, world_size, buckets)
         return TrainingBatches(StatefulDataLoader(batches, batch_size=None, **loader_options(args, seed))), None
     targets = [target_size(size, args.resolution, buckets) for size in sizes]
-    sampler = PlannedBatchSampler(targets, args.train_batch_size, seed, rank, world_size)
-    batches_per_epoch = sampler.batches_per_epoch()
-    if batches_per_epoch == 0:
-        raise ValueError(f"{len(sizes)} samples make no batch for each of the {world_size} processes.")
+    total_batch = args.train_batch_size * world_size * accumulation
+    sampler = PlannedBatchSampler(targets, total_batch, args.train_batch_size, seed, rank, world_size)
+    steps_per_epoch = sampler.steps_per_epoch()
+    if steps_per_epoch == 0:
+        what = "in any aspect-ratio bucket" if buckets else "of the training set"
+        raise ValueError(f"{len(sizes)} samples make no total batch of {total_batch} {what}"
+                         " (--train_batch_size × processes × --gradient_accumulation_steps).")
+    left_out = len(sizes) - steps_per_epoch * total_batch
+    if left_out:
+        last = "each bucket's last total batch" if buckets else "the last total batch"
+        logger.info(f"Each epoch trains {len(sizes) - left_out} of the {len(sizes)} samples: {last} is incomplete, and"
+                    f" left out (other samples each epoch, as each epoch is shuffled anew).")
     pairs = PlannedPairs(undecoded_images(dataset, args), transform, latent_files, args.skip_bad_samples)
     loader = StatefulDataLoader(pairs, batch_sampler=sampler, collate_fn=collate_fn, **loader_options(args, seed))
-    return TrainingBatches(loader, sampler), batches_per_epoch
+    return TrainingBatches(loader, sampler), steps_per_epoch

@@ -264,6 +264,7 @@ def make_batch(options, latent_channels, vae_downscale):
     batch = HandOverBatch(
         conditioning_pixel_values=torch.zeros(size, 3, side, side),
         captions=["a caption"] * size,
+        seed=list(range(size)),
         original_sizes=torch.full((size, 2), float(side)),
         crop_top_lefts=torch.zeros(size, 2),
     )

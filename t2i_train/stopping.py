@@ -85,8 +85,9 @@ def restore_global_rng_states(states):
 
 class StepStart:
     """What the step in progress changes and a checkpoint of the last completed step must hold as that
-    step left it: the loader's position, the global RNGs (the micro-batches draw noise, timesteps and
-    empty prompts from them) and accelerate's micro-batch count, which places the next gradient sync.
+    step left it: the loader's position, accelerate's micro-batch count, which places the next gradient
+    sync, and the global RNGs (the step's own draws come from each sample's seed, but a model with dropout
+    would draw from them).
     Taken after every optimisation step; `restore` abandons the step in progress."""
 
     def __init__(self, batches, accelerator):

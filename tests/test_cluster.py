@@ -188,7 +188,7 @@ def resume_from_a_copy(tiny_sdxl, fill_data, checkpoint, output_dir, damage):
 
 @pytest.mark.parametrize("name,how", [
     ("optimizer.bin", "pickle"), ("scheduler.bin", "pickle"), ("random_states_0.pkl", "pickle"),
-    ("data_state_0.json", "pickle"), ("t2iadapter/diffusion_pytorch_model.safetensors", "pickle"),
+    ("data_state.json", "pickle"), ("t2iadapter/diffusion_pytorch_model.safetensors", "pickle"),
     ("optimizer.bin", "torch.save"), ("scheduler.bin", "torch.save"), ("random_states_0.pkl", "torch.save"),
 ])
 def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_sdxl, fill_data, tmp_path, a_checkpoint, name, how):
@@ -215,12 +215,12 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_sdxl, fill_data, tmp_p
 @pytest.mark.parametrize("damage,message", [
     (lambda c: (c / "optimizer.bin").write_bytes((c / "optimizer.bin").read_bytes()[:1000]), "optimizer.bin is unreadable"),
     (lambda c: (c / "scheduler.bin").write_bytes(b""), "scheduler.bin is empty"),
-    (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
+    (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing (the manifest lists it)"),
 ])
 def test_a_damaged_checkpoint_is_named_before_anything_loads(tiny_sdxl, fill_data, tmp_path, a_checkpoint,
                                                               monkeypatch, damage, message):
-    """A truncated optimizer, an empty scheduler state, missing random states (which accelerate would skip with
-    an INFO line, losing exactness): one message naming the checkpoint and the file, before any model loads."""
+    """A truncated optimizer, an empty scheduler state, a file its manifest lists gone: one message naming the
+    checkpoint and the file, before any model loads."""
     monkeypatch.setattr(train, "load_models", lambda *a: pytest.fail("models loaded"))
     with pytest.raises(ValueError, match=rf"Cannot resume from \S+checkpoint-2: {re.escape(message)}"):
         resume_from_a_copy(tiny_sdxl, fill_data, a_checkpoint, tmp_path / "out", damage)
@@ -228,8 +228,8 @@ def test_a_damaged_checkpoint_is_named_before_anything_loads(tiny_sdxl, fill_dat
 
 def test_resuming_with_changed_settings_says_so_and_applies_a_new_learning_rate(tiny_sdxl, fill_data, tmp_path,
                                                                                 caplog):
-    """The checkpoint keeps the run's settings. A resumed run with another batch size is warned, old → new; a
-    new learning rate is applied from the resumed step on (upstream silently kept the old one) and said so."""
+    """The checkpoint keeps the run's settings. A resumed run with another share of empty prompts is warned,
+    old → new; a new learning rate is applied from the resumed step on (upstream silently kept the old one) and said so."""
     import logging
 
     from plot_control_curve import tensorboard_scalars
@@ -237,15 +237,16 @@ def test_resuming_with_changed_settings_says_so_and_applies_a_new_learning_rate(
     argv = training_argv(tiny_sdxl, fill_data, tmp_path, "--max_train_steps", 2, "--checkpointing_steps", 2,
                          "--report_to", "tensorboard")
     run_training(argv)
-    settings = __import__("json").loads((tmp_path / "checkpoint-2" / "data_state_0.json").read_text())["settings"]
-    assert settings["train_batch_size"] == 4 and settings["learning_rate"] == 1e-3 and settings["processes"] == 1
-    resumed = [*argv, "--resume_from_checkpoint", "latest", "--logging_dir", "logs-resumed"]
-    for flag, value in (("--max_train_steps", "3"), ("--learning_rate", "5e-4"), ("--train_batch_size", "2")):
+    settings = __import__("json").loads((tmp_path / "checkpoint-2" / lifecycle.DATA_STATE_FILE).read_text())["settings"]
+    assert settings["total batch size"] == 4 and settings["learning_rate"] == 1e-3 and "processes" not in settings
+    resumed = [*argv, "--resume_from_checkpoint", "latest", "--logging_dir", "logs-resumed", "--proportion_empty_prompts",
+               "0.5"]
+    for flag, value in (("--max_train_steps", "3"), ("--learning_rate", "5e-4")):
         resumed[resumed.index(flag) + 1] = value
     with caplog.at_level(logging.WARNING):
         assert run_training(resumed) == 3
     assert "Applying the new learning rate: 0.001 → 0.0005" in caplog.text
-    assert re.search(r"Resuming with changed settings, .*: train_batch_size 4 → 2\.", caplog.text)
+    assert re.search(r"Resuming with changed settings, .*: proportion_empty_prompts 0(\.0)? → 0\.5\.", caplog.text)
     logged = dict(tensorboard_scalars(tmp_path / "logs-resumed")["lr"])
     assert list(logged) == [3] and logged[3] == pytest.approx(5e-4)  # constant schedule: the new rate itself
 

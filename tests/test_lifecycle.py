@@ -88,8 +88,8 @@ def test_prune_keeps_exactly_the_newest_n(tmp_path, limit):
         assert not os.path.exists(path)
     assert os.path.isdir(os.path.join(output_dir, "checkpoint-30.tmp"))
     assert os.path.isfile(os.path.join(output_dir, "notes.txt"))
-    with open(os.path.join(output_dir, remaining[-1], lifecycle.CHECKPOINT_FILES[0].format(0))) as f:
-        assert f.read() == "20"
+    with open(os.path.join(output_dir, remaining[-1], lifecycle.DATA_STATE_FILE)) as f:
+        assert json.load(f)["step"] == 20
 
 
 @pytest.mark.parametrize("limit", [None, 4, 10])
@@ -186,7 +186,7 @@ def test_latest_skips_an_incomplete_newest_checkpoint(tmp_path, caplog):
     os.makedirs(os.path.join(output_dir, "checkpoint-6"))
     open(os.path.join(output_dir, "checkpoint-4", "scheduler.bin"), "w").close()
     assert lifecycle.resolve_resume_checkpoint(output_dir, "latest") == os.path.join(output_dir, "checkpoint-2")
-    assert "checkpoint-6, which is incomplete or damaged: random_states_0.pkl is missing" in caplog.text
+    assert "checkpoint-6, which is incomplete or damaged: data_state.json is missing" in caplog.text
     assert "checkpoint-4, which is incomplete or damaged: scheduler.bin is empty" in caplog.text
 
 
@@ -255,15 +255,18 @@ def test_a_forked_child_does_not_keep_the_output_folder_locked(tmp_path):
 
 @pytest.mark.parametrize("state,problem", [
     ([], "it holds a JSON list, not an object"),
-    ({"seed": True, "loader": {}}, '"seed" is True'),
-    ({"seed": 2**32, "loader": {}}, '"seed" is 4294967296'),
-    ({"seed": 0, "run": 5, "loader": {}}, '"run" is 5, not a JSON string'),
-    ({"seed": 0, "settings": [], "loader": {}}, '"settings" is [], not a JSON object'),
-    ({"seed": 0, "settings": None, "loader": {}}, '"settings" is None, not a JSON object'),
-    ({"seed": 0, "run": None, "loader": {}}, '"run" is None, not a JSON string'),
+    ({"seed": True, "loader": {"epoch": 0, "done": 0}}, '"seed" is True'),
+    ({"seed": 2**32, "loader": {"epoch": 0, "done": 0}}, '"seed" is 4294967296'),
+    ({"seed": 0, "run": 5, "loader": {"epoch": 0, "done": 0}}, '"run" is 5, not a JSON string'),
+    ({"seed": 0, "settings": [], "loader": {"epoch": 0, "done": 0}}, '"settings" is [], not a JSON object'),
+    ({"seed": 0, "settings": None, "loader": {"epoch": 0, "done": 0}}, '"settings" is None, not a JSON object'),
+    ({"seed": 0, "run": None, "loader": {"epoch": 0, "done": 0}}, '"run" is None, not a JSON string'),
     ({"seed": 0}, '"loader" is None'),
     ({"seed": 0, "loader": {"epoch": 1.5, "done": 0}}, '"loader"."epoch" is 1.5'),
     ({"seed": 0, "loader": {"epoch": 1}}, '"loader"."done" is None'),
+    ({"seed": 0, "loader": {"ranks": [{}]}}, '"loader"."layout" is None'),
+    ({"seed": 0, "loader": {"layout": {"processes": 2, "workers": 0, "batch_size": 4}, "ranks": [{}]}},
+     '"loader"."ranks" is not one stream position (a JSON object) for each of the 2 processes'),
 ])
 def test_each_bad_field_of_a_data_state_is_named(state, problem):
     problems = lifecycle.data_state_problems(state)
@@ -273,4 +276,5 @@ def test_each_bad_field_of_a_data_state_is_named(state, problem):
 def test_a_data_state_this_trainer_writes_has_no_problem():
     state = {"seed": 7, "run": "abc", "parent": None, "settings": {"seed": 7}, "loader": {"epoch": 2, "done": 3}}
     assert lifecycle.data_state_problems(state) == []
-    assert lifecycle.data_state_problems({**state, "loader": {"_snapshot": {}}}) == []  # a stream's, torchdata's
+    stream = {"layout": {"processes": 2, "workers": 1, "batch_size": 4}, "ranks": [{"_snapshot": {}}] * 2}
+    assert lifecycle.data_state_problems({**state, "loader": stream}) == []  # a stream's: torchdata's, per process

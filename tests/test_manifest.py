@@ -13,10 +13,10 @@ def folder(tmp_path):
     (tmp_path / "t2iadapter").mkdir()
     (tmp_path / "t2iadapter" / "diffusion_pytorch_model.safetensors").write_bytes(bytes(range(256)) * 400)
     (tmp_path / "optimizer.bin").write_bytes(b"\x01" * 5000)
-    (tmp_path / "data_state_0.json").write_text('{"seed": 0}')
+    (tmp_path / "data_state.json").write_text('{"seed": 0}')
     written = manifest.write_manifest(tmp_path)
     assert set(written["files"]) == {"t2iadapter/diffusion_pytorch_model.safetensors", "optimizer.bin",
-                                     "data_state_0.json"}
+                                     "data_state.json"}
     return tmp_path
 
 
@@ -38,9 +38,9 @@ def test_inverted_bytes_of_the_same_size_are_found_naming_the_file(folder):
 
 def test_a_truncated_or_missing_file_is_found(folder):
     (folder / "optimizer.bin").write_bytes(b"\x01" * 4000)
-    (folder / "data_state_0.json").unlink()
+    (folder / "data_state.json").unlink()
     assert sorted(manifest.manifest_problems(folder)) == [
-        "data_state_0.json is missing (the manifest lists it)",
+        "data_state.json is missing (the manifest lists it)",
         "optimizer.bin has 4000 bytes, the manifest says 5000",
     ]
 

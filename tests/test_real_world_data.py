@@ -14,7 +14,7 @@ from torchvision import transforms
 
 import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv
-from t2i_train import data, images, loader
+from t2i_train import data, images, lifecycle, loader
 
 
 @pytest.mark.parametrize("height,width", [(64, 96), (96, 64), (64, 64), (77, 131), (1024, 683)])
@@ -413,31 +413,39 @@ def test_streaming_from_shards_resumes_exactly_with_workers(tiny_sdxl, fill_shar
 def test_a_stream_resumed_with_another_worker_count_is_refused_naming_the_flag(tiny_sdxl, fill_shards, tmp_path,
                                                                              monkeypatch):
     """A stream's position lives in its DataLoader workers, each reading its own shards: a requeue with another
-    --dataloader_num_workers stops before any model loads, naming the flag and the saved count (torchdata died in
+    --dataloader_num_workers stops before any model loads, naming the saved layout and the flag (torchdata died in
     a bare AssertionError, or hung)."""
     flags = ["--streaming", *SHARD_COLUMNS, "--shuffle_buffer_size", 8, "--checkpointing_steps", 2]
     run_training(training_argv(tiny_sdxl, fill_shards, tmp_path, *flags, "--max_train_steps", 2,
                                "--dataloader_num_workers", 2))
     monkeypatch.setattr(train, "load_models", lambda *a: pytest.fail("models loaded"))
-    with pytest.raises(ValueError, match=r"with --dataloader_num_workers 1: its stream position was saved by 2"
-                                         r" DataLoader worker\(s\).* Pass --dataloader_num_workers 2\."):
+    with pytest.raises(ValueError, match=r"on 1 process\(es\) × 1 DataLoader worker\(s\) × --train_batch_size 4: its"
+                                         r" stream position was saved by 1 process\(es\) × 2 DataLoader worker\(s\)"
+                                         r".* \(--dataloader_num_workers 2, --train_batch_size 4\)"):
         run_training(training_argv(tiny_sdxl, fill_shards, tmp_path, *flags, "--max_train_steps", 4,
                                    "--dataloader_num_workers", 1, "--resume_from_checkpoint", "latest"))
 
 
 def test_two_processes_stream_with_buckets_and_resume(tiny_sdxl, fill_shards, tmp_path):
-    """2 processes (gloo), each streaming its own 2 shards with buckets: both ranks agree, and the
-    resumed run ends where the straight one ends."""
+    """2 processes (gloo), each streaming its own 2 shards with buckets: both ranks agree, the checkpoint holds
+    both positions in one data state, and the resumed run ends where the straight one ends. On 1 process
+    (the same total batch by accumulation) the stream cannot continue exactly: refused, naming both layouts."""
     from test_robustness import run_two_processes
 
     flags = ["--streaming", *SHARD_COLUMNS, "--shuffle_buffer_size", 8, "--aspect_ratio_buckets",
              "--max_train_steps", 4, "--checkpointing_steps", 2]
     straight = run_two_processes(tiny_sdxl, fill_shards, tmp_path / "straight", tmp_path / "w1", *flags)
-    assert (tmp_path / "straight" / "checkpoint-4" / "data_state_1.json").is_file()
+    position = json.loads((tmp_path / "straight" / "checkpoint-4" / lifecycle.DATA_STATE_FILE).read_text())["loader"]
+    assert position["layout"] == {"processes": 2, "workers": 0, "batch_size": 4} and len(position["ranks"]) == 2
     shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     resumed = run_two_processes(tiny_sdxl, fill_shards, tmp_path / "resumed", tmp_path / "w2", *flags,
                                 "--resume_from_checkpoint", "latest")
     assert max_weight_difference(straight, resumed) == 0
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "one" / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"on 1 process\(es\) × 0 DataLoader worker\(s\) × --train_batch_size 4: its"
+                                         r" stream position was saved by 2 process\(es\) × 0 DataLoader"):
+        run_training(training_argv(tiny_sdxl, fill_shards, tmp_path / "one", *flags, "--gradient_accumulation_steps", 2,
+                                   "--resume_from_checkpoint", "latest"))
 
 
 def test_a_bad_streamed_sample_stops_naming_its_key_or_is_skipped(tiny_sdxl, fill_shards, tmp_path):

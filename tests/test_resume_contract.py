@@ -89,7 +89,7 @@ def test_another_worker_count_continues_map_style_data_exactly(straight_run, tmp
     ("done", -3, r'"loader"."done" is -3, not a whole number'),
     ("epoch", -1, r'"loader"."epoch" is -1, not a whole number'),
     ("epoch", "2", r""""loader"."epoch" is '2', not a whole number"""),
-    ("loader", None, r'"loader" is None, not the loader\'s position'),
+    ("loader", None, r'"loader" is None, not the data position'),
     ("seed", "0", r"\"seed\" is '0', not a whole number"),
 ])
 def test_a_hand_edited_data_state_is_refused_naming_the_file_and_field(straight_run, tmp_path, monkeypatch,
@@ -97,7 +97,7 @@ def test_a_hand_edited_data_state_is_refused_naming_the_file_and_field(straight_
     """Negative indices would replay an epoch's last batches through Python's indexing, and a string or a missing
     position died in a bare traceback: each is refused before any model loads, naming the file and the field."""
     argv = resumed_from_step_2(straight_run, tmp_path)
-    path = tmp_path / "checkpoint-2" / "data_state_0.json"
+    path = tmp_path / "checkpoint-2" / lifecycle.DATA_STATE_FILE
     state = json.loads(path.read_text())
     if field in ("done", "epoch"):
         state["loader"][field] = value
@@ -111,16 +111,17 @@ def test_a_hand_edited_data_state_is_refused_naming_the_file_and_field(straight_
 
 
 @pytest.mark.parametrize("position,message", [
-    ({"epoch": 0, "done": 10**6}, r'"done" is 1000000, more than the 8 batches of an epoch'),
-    ({"epoch": 999, "done": 0}, r'"epoch" 999 and "done" 0 are 7992 batches of 8 an epoch, more than the run read'),
+    ({"epoch": 0, "done": 10**6}, r'"done" is 1000000, more than the 8 total batches of an epoch'),
+    ({"epoch": 999, "done": 0}, r'"epoch" 999 and "done" 0 are 7992 total batches of 8 an epoch, more than the 2'
+                                r' steps the run took by then'),
 ])
 def test_a_position_beyond_the_run_is_refused(straight_run, tmp_path, position, message):
     """An epoch the run cannot have reached, or more batches done than an epoch has, were taken silently."""
     argv = resumed_from_step_2(straight_run, tmp_path)
-    path = tmp_path / "checkpoint-2" / "data_state_0.json"
+    path = tmp_path / "checkpoint-2" / lifecycle.DATA_STATE_FILE
     path.write_text(json.dumps({**json.loads(path.read_text()), "loader": position}))
     (tmp_path / "checkpoint-2" / manifest.MANIFEST_FILE).unlink()
-    with pytest.raises(ValueError, match=r"its loader position in \S+data_state_0.json does not fit this run .*" + message):
+    with pytest.raises(ValueError, match=r"its data position in \S+data_state.json does not fit this run .*" + message):
         run_training(argv)
 
 
@@ -137,7 +138,7 @@ def test_a_cut_short_finished_marker_is_warned_about_and_the_run_decides_from_it
     with caplog.at_level(logging.WARNING):
         assert run_training(argv) == 4
     assert f"The finished marker {folder / lifecycle.FINISHED_FILE} is unreadable" in caplog.text
-    assert json.loads((folder / lifecycle.FINISHED_FILE).read_text()) == {"step": 4, "batches_per_epoch": 8}
+    assert json.loads((folder / lifecycle.FINISHED_FILE).read_text()) == {"step": 4, "steps_per_epoch": 8}
     assert max_weight_difference(load_adapter_weights(straight_run[0]), load_adapter_weights(folder)) == 0
     (folder / lifecycle.FINISHED_FILE).write_text("[]")
     for checkpoint in folder.glob("checkpoint-*"):

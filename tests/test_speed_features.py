@@ -2,6 +2,7 @@
 upstream's full-dataset text-embedding precompute."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -41,11 +42,12 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
 
     pixels = torch.stack([train.to_training_pixels(train.centre_crop(image.convert("RGB"), RESOLUTION))
                           for image in dataset["image"]])
-    torch.manual_seed(7)
-    fresh = train.encode_latents(m["vae"], pixels)
-    torch.manual_seed(7)
-    from_cache = loader.sample_cached_latents(torch.stack([c["mean"] for c in cached]),
-                                             torch.stack([c["std"] for c in cached]), m["vae"].config.scaling_factor)
+    scaling = m["vae"].config.scaling_factor
+    mean, std = train.encode_latent_distribution(m["vae"], pixels)
+    posterior_noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
+    fresh = train.sample_latents(mean, std, posterior_noise, scaling)
+    from_cache = train.sample_latents(torch.stack([c["mean"] for c in cached]), torch.stack([c["std"] for c in cached]),
+                                      posterior_noise, scaling)
     assert torch.allclose(fresh, from_cache, atol=2e-3)
 
     conditions = torch.stack([to_tensor(train.centre_crop(i.convert("RGB"), RESOLUTION))
@@ -60,6 +62,25 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
         for latents in (fresh, from_cache)
     ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_a_node_local_latent_cache_is_filled_by_each_node(tiny_models, tmp_path):
+    """Process 1 of 2, on a node whose cache folder is its own: it encodes its share (rows 1 and 3), and
+    then, not finding the other process's share, rows 0 and 2 as well, so training there finds them all."""
+    import types
+
+    m = tiny_models
+    dataset = data.load_train_dataset(m["args"], 0, data.recorded_scan_samples)[0].select(range(4))
+    keys = loader.latent_cache_keys(dataset, "image", "a-vae", RESOLUTION)
+    second_process = types.SimpleNamespace(process_index=1, num_processes=2, is_local_main_process=True,
+                                           wait_for_everyone=lambda: None)
+
+    def pixels_of(image):
+        return train.to_training_pixels(train.centre_crop(image, RESOLUTION))
+
+    assert loader.fill_latent_cache(dataset, keys, m["vae"], m["args"], second_process, str(tmp_path), pixels_of) == 4
+    assert all(os.path.isfile(loader.latent_cache_path(str(tmp_path), key)) for key in keys)
+    assert loader.fill_latent_cache(dataset, keys, m["vae"], m["args"], second_process, str(tmp_path), pixels_of) == 0
 
 
 def test_latent_cache_keys_follow_image_content_vae_and_resolution(tiny_models, fill_data):
@@ -178,7 +199,8 @@ def test_a_local_imagefolder_listed_once_loads_as_datasets_finds_it(tmp_path, la
 
 def test_cached_latents_reach_the_device_of_the_step():
     """The loader's batch stays in host memory: with --cache_latents the sampled latents must be made on the
-    step's device (the meta device stands in for a GPU here), like the conditions and time ids."""
+    step's device (the meta device stands in for a GPU here), like the conditions, and each sample's noise
+    and timestep, drawn on the CPU, are moved there too."""
     import types
 
     import torch
@@ -192,15 +214,17 @@ def test_cached_latents_reach_the_device_of_the_step():
             return torch.zeros(len(captions), 77, 8, device="meta"), torch.zeros(len(captions), 4, device="meta")
 
         def training_loss(self, unet, adapter, latents, conditions, *rest):
-            seen.update(latents=latents.device, conditions=conditions.device)
+            noise, timesteps = rest[-2:]
+            seen.update(latents=latents.device, conditions=conditions.device, noise=noise.device,
+                        timesteps=timesteps.device)
             return torch.zeros(())
 
     batch = {"latent_mean": torch.zeros(2, 4, 8, 8, dtype=torch.float16), "latent_std": torch.ones(2, 4, 8, 8),
-             "conditioning_pixel_values": torch.zeros(2, 3, 64, 64), "captions": ["a", "b"]}
+             "conditioning_pixel_values": torch.zeros(2, 3, 64, 64), "captions": ["a", "b"], "seed": [1, 2]}
     components = types.SimpleNamespace(vae=types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=0.13025)),
                                        unet=None,
                                        noise_scheduler=types.SimpleNamespace(config=types.SimpleNamespace(prediction_type="epsilon")))
     args = types.SimpleNamespace(proportion_empty_prompts=0.0, micro_conditioning=False, aspect_ratio_buckets=False,
                                  resolution=64, crops_coords_top_left_h=0, crops_coords_top_left_w=0)
-    train.batch_loss(batch, components, None, None, args, torch.float32, torch.device("meta"), Hooks())
-    assert seen == {"latents": torch.device("meta"), "conditions": torch.device("meta")}
+    train.batch_loss(batch, components, None, torch.ones(1000), args, torch.float32, torch.device("meta"), Hooks())
+    assert set(seen.values()) == {torch.device("meta")} and len(seen) == 4

@@ -61,11 +61,11 @@ def stop_line(stderr, signal_name="SIGTERM"):
 def test_a_signal_to_a_one_process_accelerate_launch_saves_within_its_5_s_and_resumes_exactly(
         tiny_sdxl, fill_data, tmp_path):
     """accelerate's one-process launcher kills the trainer 5 s after a stop signal. With optimisation steps longer
-    than that (48 accumulated micro-batches), the trainer abandons the step in progress and saves the last
+    than that (32 accumulated micro-batches at 192²), the trainer abandons the step in progress and saves the last
     completed one, its data position and random states rolled back to where that step ended: the resumed run
     ends bit for bit where the uninterrupted one does."""
-    flags = ["--max_train_steps", 2, "--gradient_accumulation_steps", 48, "--checkpointing_steps", 1000,
-             "--dataloader_num_workers", 1]
+    flags = ["--max_train_steps", 2, "--gradient_accumulation_steps", 32, "--checkpointing_steps", 1000,
+             "--dataloader_num_workers", 1, "--train_batch_size", 1, "--resolution", 192]
     output_dir = tmp_path / "stopped"
     job = Job([*LAUNCH, SCRIPT, *training_argv(tiny_sdxl, fill_data, output_dir, *flags)])
     job.wait_for(r"Steps:\s+50%")  # step 1 done

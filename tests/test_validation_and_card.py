@@ -187,47 +187,41 @@ def test_hub_upload_arguments():
 # ------------------------------------------------------------------------------------------
 
 
-def test_select_captions_strings_pass_through():
-    """String captions are kept as they are with proportion 0."""
-    captions = ["a red circle", "a blue square", ""]
-    assert train.select_captions(captions, 0.0) == captions
-    assert train.select_captions(captions, 0.0, is_train=False) == captions
+def test_a_string_caption_passes_through():
+    """String captions are kept as they are with proportion 0, in training and in validation."""
+    for caption in ["a red circle", ""]:
+        assert train.choose_caption(caption, 0.0, random.Random(0)) == caption
+        assert train.choose_caption(caption, 0.0) == caption
 
 
-def test_select_captions_list_random_in_training_first_otherwise():
-    """A list caption gives a random one of its items in training (all of them turn up) and the first otherwise."""
-    random.seed(0)
+def test_a_list_caption_gives_a_random_item_in_training_and_the_first_otherwise():
+    """A list caption gives one of its items from the sample's own RNG in training (all of them turn up over
+    the samples' seeds, and one seed always gives the same) and the first otherwise."""
     options = ["first", "second", "third"]
-    seen = {train.select_captions([options], 0.0)[0] for _ in range(200)}
-    assert seen == set(options)
+    assert {train.choose_caption(options, 0.0, random.Random(seed)) for seed in range(200)} == set(options)
+    assert len({train.choose_caption(options, 0.0, random.Random(5)) for _ in range(20)}) == 1
     for container in (options, tuple(options), np.array(options)):
-        assert {train.select_captions([container], 0.0, is_train=False)[0] for _ in range(50)} == {"first"}
+        assert train.choose_caption(container, 0.0) == "first"
 
 
-def test_select_captions_proportion_one_and_zero():
-    """Proportion 1 empties every caption; 0 empties none."""
-    captions = ["a", ["b", "c"], "d"] * 20
-    assert train.select_captions(captions, 1.0) == [""] * len(captions)
-    assert all(caption != "" for caption in train.select_captions(captions, 0.0))
-
-
-def test_select_captions_empty_prompts_are_drawn_anew_each_call():
-    """With proportion 0.5 about half the captions are emptied, and which ones changes between calls (upstream
-    draws once, so the same samples are empty in every epoch: defect 7)."""
-    random.seed(1)
-    captions = [f"caption {i}" for i in range(2000)]
-    first = train.select_captions(captions, 0.5)
-    second = train.select_captions(captions, 0.5)
-    for selected in (first, second):
-        assert abs(selected.count("") / len(captions) - 0.5) < 0.05
-    assert [c == "" for c in first] != [c == "" for c in second]
+def test_empty_prompts_follow_the_proportion_and_the_samples_seed():
+    """Proportion 1 empties every caption in training and 0 none; 0.5 about half, and which ones is each sample's
+    seed's, so another epoch (which gives each sample a new seed) empties other samples (upstream draws once, so
+    the same samples are empty in every epoch: defect 7). Validation never empties one."""
+    assert all(train.choose_caption(["b", "c"], 1.0, random.Random(seed)) == "" for seed in range(50))
+    assert all(train.choose_caption("d", 0.0, random.Random(seed)) == "d" for seed in range(50))
+    assert train.choose_caption("d", 1.0) == "d"
+    first = [train.choose_caption("x", 0.5, random.Random(seed)) == "" for seed in range(2000)]
+    second = [train.choose_caption("x", 0.5, random.Random(seed)) == "" for seed in range(2000, 4000)]
+    assert abs(sum(first) / 2000 - 0.5) < 0.05 and first != second
+    assert first == [train.choose_caption("x", 0.5, random.Random(seed)) == "" for seed in range(2000)]
 
 
 @pytest.mark.parametrize("bad", [5, None, [], {"text": "x"}])
-def test_select_captions_bad_caption_type_is_refused(bad):
+def test_a_bad_caption_type_is_refused(bad):
     """A caption that is neither a string nor a non-empty list is refused, showing it."""
     with pytest.raises(ValueError, match="caption"):
-        train.select_captions(["fine", bad], 0.0)
+        train.choose_caption(bad, 0.0, random.Random(0))
 
 
 # ------------------------------------------------------------------------------------------
