@@ -89,7 +89,11 @@ def layouts(tiny_sdxl, fill_data, initial_adapter, tmp_path_factory):
 
 
 def relative_difference(a, b, layouts):
-    return max_weight_difference(a, b) / layouts["moved"]
+    """The largest weight difference as a share of how far training moved the weights (printed for the record)."""
+    difference = max_weight_difference(a, b)
+    print(f"max difference {difference:.3g}, {100 * difference / layouts['moved']:.4f}% of the largest move"
+          f" ({layouts['moved']:.3g})")
+    return difference / layouts["moved"]
 
 
 def test_the_plan_of_each_step_depends_on_the_total_batch_only():
