@@ -1574,7 +1574,8 @@ def training_run(args, adapter_config, accelerator, hooks):
     control_pairs = control_pairs_for(train_data, components, args, data_config, accelerator)
     batches, steps_per_epoch = loader.make_train_dataloader(
         train_data, PairTransform(data_config), data_config, seed, accelerator.process_index,
-        accelerator.num_processes, args.gradient_accumulation_steps, configs.adapter_total_downscale(adapter_config),
+        accelerator.num_processes, lifecycle.total_batch(args, accelerator.num_processes),
+        configs.adapter_total_downscale(adapter_config),
         latent_files_for(train_data, components, args, data_config, accelerator),
     )
     max_train_steps = total_steps(args, steps_per_epoch)

@@ -4,6 +4,7 @@ with a seed of its own), the sampler and the stream, the DataLoader and its stat
 The loader's position is saved in every checkpoint (TrainingBatches: the sampler's for map-style data,
 torchdata's StatefulDataLoader's for a stream): a resumed run continues exactly where it stopped."""
 
+import collections
 import copy
 import hashlib
 import itertools
@@ -138,8 +139,9 @@ def load_cached_latents(path):
 def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_of):
     """Encode every image whose latent distribution is not cached yet (each process its share), as
     `pixels_of(image)` makes it the VAE's input (the trainer's centre crop), stored as float16 mean and
-    std. A cache folder local to each node holds only its own processes' shares after that: each process
-    then encodes what it still cannot find. Returns how many this process encoded."""
+    std. A cache folder local to each node holds only its own processes' shares after that: the node's
+    processes then split what they still cannot find (torchrun's LOCAL_WORLD_SIZE says how many share the
+    node). Returns how many this process encoded."""
     images = undecoded_images(dataset.select_columns([args.image_column]), args)
 
     def missing(rows):
@@ -163,7 +165,8 @@ def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_o
     share = range(accelerator.process_index, len(keys), accelerator.num_processes)
     encoded = encode(missing(share))
     accelerator.wait_for_everyone()
-    encoded += encode(missing(range(len(keys))))  # none when the folder is shared
+    node_share = range(accelerator.local_process_index, len(keys), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    encoded += encode(missing(node_share))  # none when the folder is shared
     accelerator.wait_for_everyone()
     return encoded
 
@@ -206,7 +209,8 @@ class PlannedBatchSampler:
                 for batch in batches if len(batch) == self.total_batch]
 
     def steps_per_epoch(self):
-        return len(self.epoch_plan(0))
+        """The whole total batches each target size fills: the same every epoch, without planning one."""
+        return sum(count // self.total_batch for count in collections.Counter(map(tuple, self.targets)).values())
 
     def share(self, batch):
         """This process's micro-batches of a total batch, in the order it takes them."""
@@ -410,15 +414,15 @@ class TrainingBatches:
         self.epoch, self.done = epoch, done
 
 
-def make_train_dataloader(train_data, transform, args, seed, rank, world_size, accumulation, multiple,
+def make_train_dataloader(train_data, transform, args, seed, rank, world_size, total_batch, multiple,
                           latent_files=None):
     """The training batches, for a map-style dataset or a stream: a StatefulDataLoader over planned
     batches, in TrainingBatches. Every process builds its own share (it is not passed to
     accelerate.prepare), and its position goes into each checkpoint.
 
-    `train_data` is what `load_training_data` returns; an optimisation step takes --train_batch_size ×
-    `world_size` × `accumulation` samples, its total batch; `multiple` is the adapter's total downscale (bucket sides are multiples of it). Returns (TrainingBatches, optimisation steps an epoch,
-    or None for a stream).
+    `train_data` is what `load_training_data` returns; `total_batch` is the samples of one optimisation
+    step (lifecycle.total_batch); `multiple` is the adapter's total downscale (bucket sides are multiples
+    of it). Returns (TrainingBatches, optimisation steps an epoch, or None for a stream).
     """
     dataset, sizes = train_data.dataset, train_data.sizes
     buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
@@ -426,7 +430,6 @@ def make_train_dataloader(train_data, transform, args, seed, rank, world_size, a
         batches = StreamingBatches(dataset, transform, args, seed, rank, world_size, buckets)
         return TrainingBatches(StatefulDataLoader(batches, batch_size=None, **loader_options(args, seed))), None
     targets = [target_size(size, args.resolution, buckets) for size in sizes]
-    total_batch = args.train_batch_size * world_size * accumulation
     sampler = PlannedBatchSampler(targets, total_batch, args.train_batch_size, seed, rank, world_size)
     steps_per_epoch = sampler.steps_per_epoch()
     if steps_per_epoch == 0:

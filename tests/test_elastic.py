@@ -110,6 +110,7 @@ def test_the_plan_of_each_step_depends_on_the_total_batch_only():
             sampler.load_state_dict({"epoch": epoch, "done": 0})
         streams = [iter(sampler) for sampler in samplers]
         micro_batches = samplers[0].micro_batches
+        assert samplers[0].steps_per_epoch() == len(samplers[0].epoch_plan(epoch))
         return [sorted(sample for stream in streams for _ in range(micro_batches) for sample in next(stream))
                 for _ in range(samplers[0].steps_per_epoch())]
 

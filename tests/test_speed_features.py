@@ -72,8 +72,8 @@ def test_a_node_local_latent_cache_is_filled_by_each_node(tiny_models, tmp_path)
     m = tiny_models
     dataset = data.load_train_dataset(m["args"], 0, data.recorded_scan_samples)[0].select(range(4))
     keys = loader.latent_cache_keys(dataset, "image", "a-vae", RESOLUTION)
-    second_process = types.SimpleNamespace(process_index=1, num_processes=2, is_local_main_process=True,
-                                           wait_for_everyone=lambda: None)
+    second_process = types.SimpleNamespace(process_index=1, num_processes=2, local_process_index=0,
+                                           is_local_main_process=True, wait_for_everyone=lambda: None)
 
     def pixels_of(image):
         return train.to_training_pixels(train.centre_crop(image, RESOLUTION))
