@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -216,13 +217,15 @@ def run_tiny_row(row, options):
 
     report = {"row": row, "text_cache_mb": 0.0, "latent_cache_mb": 0.0}
     work = options.work_dir
+    output_dir = os.path.join(work, f"out-{row}")
+    shutil.rmtree(output_dir, ignore_errors=True)  # each run a fresh one: a finished run's folder is refused
     latent_dir = os.path.join(work, "latents")
     batch = row_batch(row, options)
     argv = [
         "--pretrained_model_name_or_path", os.path.join(work, "tiny-sdxl"),
         *(["--train_data_dir", os.path.join(work, "fill", "imagefolder")] if options.data_format == "imagefolder"
           else ["--dataset_name", os.path.join(work, "fill", "parquet")]),
-        "--output_dir", os.path.join(work, f"out-{row}"), "--cache_dir", os.path.join(work, "datasets-cache"),
+        "--output_dir", output_dir, "--cache_dir", os.path.join(work, "datasets-cache"),
         "--resolution", str(options.resolution), "--train_batch_size", str(batch),
         "--max_train_steps", str(options.warmup + options.steps + 1), "--checkpointing_steps", "100000",
         "--learning_rate", "1e-4", "--seed", "0", "--report_to", "none", "--dataloader_num_workers", "1",
