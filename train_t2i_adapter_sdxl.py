@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import typing
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -48,12 +49,19 @@ from transformers import AutoTokenizer
 
 try:  # the machinery behind the training story, in the package beside this script
     from t2i_train import configs, control, data, images, lifecycle, loader, memory, stopping
+    from t2i_train.stopping import Refusal
 except ModuleNotFoundError as error:
     if error.name != "t2i_train":
         raise
     raise SystemExit("train_t2i_adapter_sdxl.py needs the t2i_train/ package beside it: copy it with the script.") from None
 
 logger = get_logger(__name__)
+# Library noise that says nothing about a run: diffusers' "should be kept in float32: []" (no module is)
+# at every `.to(dtype)`, and torchdata's deprecation of the torch.set_vital it calls itself.
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "kept in float32: []" not in record.getMessage()
+)
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 SDXL_DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 MAX_RESOLUTION = 8192  # a --resolution above it is a typo: SDXL trains at 1024
@@ -66,6 +74,7 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "piecewise_constant",
 )
+SCHEDULES_WITHOUT_WARMUP = ("constant", "piecewise_constant")  # diffusers' get_scheduler ignores the warm-up
 MODEL_CARD_TAGS = (
     "stable-diffusion-xl",
     "stable-diffusion-xl-diffusers",
@@ -421,29 +430,29 @@ def control_metric(args):
 def check_args(args):
     """Checks on the flags alone; each error names the flag and its value."""
     if args.dataset_name is None and args.train_data_dir is None:
-        raise ValueError("Specify either `--dataset_name` or `--train_data_dir`.")
+        raise Refusal("Specify either `--dataset_name` or `--train_data_dir`.")
     if args.dataset_name is not None and args.train_data_dir is not None:
-        raise ValueError(
+        raise Refusal(
             f"Specify only one of `--dataset_name` ({args.dataset_name!r}) or `--train_data_dir` ({args.train_data_dir!r})."
         )
     if not 0 <= args.proportion_empty_prompts <= 1:
-        raise ValueError(f"`--proportion_empty_prompts` must be in [0, 1], got {args.proportion_empty_prompts}.")
+        raise Refusal(f"`--proportion_empty_prompts` must be in [0, 1], got {args.proportion_empty_prompts}.")
     if args.validation_prompt is not None and args.validation_image is None:
-        raise ValueError("`--validation_image` must be set if `--validation_prompt` is set.")
+        raise Refusal("`--validation_image` must be set if `--validation_prompt` is set.")
     if args.validation_prompt is None and args.validation_image is not None:
-        raise ValueError("`--validation_prompt` must be set if `--validation_image` is set.")
+        raise Refusal("`--validation_prompt` must be set if `--validation_image` is set.")
     if args.validation_prompt is not None:
         images.pair_validation_inputs(args.validation_prompt, args.validation_image)
     if not 0 < args.resolution <= MAX_RESOLUTION:
-        raise ValueError(f"`--resolution` must be in 1..{MAX_RESOLUTION}, got {args.resolution}.")
+        raise Refusal(f"`--resolution` must be in 1..{MAX_RESOLUTION}, got {args.resolution}.")
     if not args.learning_rate > 0:
-        raise ValueError(f"`--learning_rate` must be above 0, got {args.learning_rate}.")
+        raise Refusal(f"`--learning_rate` must be above 0, got {args.learning_rate}.")
     if args.resolution % 8 != 0:
-        raise ValueError(
+        raise Refusal(
             f"`--resolution` must be divisible by 8 so that VAE latents and adapter features line up, got {args.resolution}."
         )
     if args.detection_resolution is not None and args.detection_resolution <= 0:
-        raise ValueError(f"`--detection_resolution` must be positive, got {args.detection_resolution}.")
+        raise Refusal(f"`--detection_resolution` must be positive, got {args.detection_resolution}.")
     for flag in (
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -453,46 +462,46 @@ def check_args(args):
         "num_train_epochs",
     ):
         if getattr(args, flag) < 1:
-            raise ValueError(f"`--{flag}` must be at least 1, got {getattr(args, flag)}.")
+            raise Refusal(f"`--{flag}` must be at least 1, got {getattr(args, flag)}.")
     for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"`--{flag}` must be at least 1, got {getattr(args, flag)}.")
+            raise Refusal(f"`--{flag}` must be at least 1, got {getattr(args, flag)}.")
     if args.skip_nonfinite_steps < 0:
-        raise ValueError(f"`--skip_nonfinite_steps` must be at least 0, got {args.skip_nonfinite_steps}.")
+        raise Refusal(f"`--skip_nonfinite_steps` must be at least 0, got {args.skip_nonfinite_steps}.")
     if args.dataloader_num_workers < 0:
-        raise ValueError(f"`--dataloader_num_workers` must be at least 0, got {args.dataloader_num_workers}.")
+        raise Refusal(f"`--dataloader_num_workers` must be at least 0, got {args.dataloader_num_workers}.")
     if args.shuffle_buffer_size < 1:
-        raise ValueError(f"`--shuffle_buffer_size` must be at least 1, got {args.shuffle_buffer_size}.")
+        raise Refusal(f"`--shuffle_buffer_size` must be at least 1, got {args.shuffle_buffer_size}.")
     if args.streaming and args.max_train_steps is None:
-        raise ValueError("`--streaming` needs `--max_train_steps`: a stream's length is not known in advance.")
+        raise Refusal("`--streaming` needs `--max_train_steps`: a stream's length is not known in advance.")
     if args.streaming and args.max_train_samples is not None:
-        raise ValueError("`--max_train_samples` cannot be used with `--streaming`; bound the run with `--max_train_steps`.")
+        raise Refusal("`--max_train_samples` cannot be used with `--streaming`; bound the run with `--max_train_steps`.")
     cache_conflicts = loader.latent_cache_conflicts(args)
     if args.cache_latents and cache_conflicts:
-        raise ValueError(
+        raise Refusal(
             f"`--cache_latents` stores one centre crop per image and cannot be combined with {', '.join(cache_conflicts)}."
         )
     if args.validation_data_dir is not None and args.validation_dataset_name is not None:
-        raise ValueError("Specify only one of `--validation_data_dir` or `--validation_dataset_name`.")
+        raise Refusal("Specify only one of `--validation_data_dir` or `--validation_dataset_name`.")
     if args.validation_pairs is not None and args.validation_pairs < 2:
-        raise ValueError(
+        raise Refusal(
             f"`--validation_pairs` must be at least 2 (the gain compares each pair's condition with another pair's),"
             f" got {args.validation_pairs}."
         )
     if args.streaming and args.validation_pairs and data.validation_set_location(args) is None:
-        raise ValueError(
+        raise Refusal(
             "`--validation_pairs` holds pairs out of a dataset loaded whole; with `--streaming`, give the pairs as"
             " `--validation_data_dir` or `--validation_dataset_name`."
         )
     if args.control_metric not in (None, "none") and args.validation_prompt is None:
-        raise ValueError(
+        raise Refusal(
             f"`--control_metric {args.control_metric}` scores the generated validation images: give"
             " `--validation_prompt` and `--validation_image` too."
         )
     if args.lr_scheduler not in LR_SCHEDULERS:
-        raise ValueError(f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {args.lr_scheduler!r}.")
+        raise Refusal(f"`--lr_scheduler` must be one of {', '.join(LR_SCHEDULERS)}, got {args.lr_scheduler!r}.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
-        raise ValueError(
+        raise Refusal(
             f"`--report_to {args.report_to}` with `--hub_token` would expose the token to the tracker."
             " Log in with `huggingface-cli login` instead and drop `--hub_token`."
         )
@@ -526,17 +535,17 @@ def check_inputs(args):
     configs.check_model_location("--tokenizer_name", args.tokenizer_name)
     for flag in ("train_data_dir", "validation_data_dir"):
         if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
-            raise ValueError(f"`--{flag}` {getattr(args, flag)!r} is not an existing folder.")
+            raise Refusal(f"`--{flag}` {getattr(args, flag)!r} is not an existing folder.")
     for path in args.validation_image or []:
         images.check_image_file("--validation_image", path)
     if args.enable_xformers_memory_efficient_attention:
         if not is_xformers_available():
-            raise ValueError("`--enable_xformers_memory_efficient_attention` needs xformers: `pip install xformers`.")
+            raise Refusal("`--enable_xformers_memory_efficient_attention` needs xformers: `pip install xformers`.")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401  (optional: only --use_8bit_adam needs it)
         except ImportError:
-            raise ValueError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`.") from None
+            raise Refusal("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`.") from None
 
     base, base_flag = args.pretrained_model_name_or_path, "--pretrained_model_name_or_path"
     unet_config = configs.load_model_config(UNet2DConditionModel, base, "unet", args, base_flag)
@@ -644,7 +653,7 @@ def choose_caption(caption, proportion_empty_prompts, rng=None):
     """A sample's caption: in training (with the sample's `rng`) a random one of a list, and the empty
     prompt with probability `proportion_empty_prompts`; without an rng (validation) the first."""
     if not (isinstance(caption, str) or (isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0)):
-        raise ValueError(f"A caption must be a string or a non-empty list of strings, got {caption!r}.")
+        raise Refusal(f"A caption must be a string or a non-empty list of strings, got {caption!r}.")
     if rng is not None and rng.random() < proportion_empty_prompts:
         return ""
     if isinstance(caption, str):
@@ -765,7 +774,7 @@ def text_encoder_class(location, subfolder, args):
     )
     name = config.architectures[0]
     if name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
-        raise ValueError(f"Text encoder class {name} in {location}/{subfolder} is not supported.")
+        raise Refusal(f"Text encoder class {name} in {location}/{subfolder} is not supported.")
     return getattr(transformers, name)
 
 
@@ -796,7 +805,7 @@ def sigma_table(noise_scheduler):
     table = torch.full((num_train_timesteps,), float("nan"))
     table[schedule_timesteps] = sigmas
     if torch.isnan(table).any():
-        raise ValueError("The noise scheduler does not cover every training timestep.")
+        raise Refusal("The noise scheduler does not cover every training timestep.")
     return table
 
 
@@ -817,9 +826,9 @@ class Models:
         return sigma_table(self.noise_scheduler)
 
 
-def load_models(args, adapter_config):
+def load_models(args, adapter_config, resume_path=None):
     """The components by name: scheduler, tokenizers, text encoders, VAE, UNet and the adapter, all
-    frozen but the adapter."""
+    frozen but the adapter (whose weights come from `resume_path`'s checkpoint when resuming)."""
     base = args.pretrained_model_name_or_path
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
     noise_scheduler = EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **hub)
@@ -844,7 +853,8 @@ def load_models(args, adapter_config):
             logger.info(f"The adapter in {location} is stored in {'/'.join(sorted(stored))}; it trains in float32.")
         adapter = T2IAdapter.from_pretrained(location, torch_dtype=torch.float32, cache_dir=args.cache_dir)
     else:
-        logger.info(f"Initialising a new adapter: {adapter_config}.")
+        if resume_path is None:
+            logger.info(f"Initialising a new adapter: {adapter_config}.")
         adapter = T2IAdapter(**adapter_config)
 
     # Only the adapter trains. Upstream leaves the UNet trainable, which costs a full backward
@@ -890,7 +900,7 @@ def predict_clean_latents(model_pred, noisy_latents, sigmas, prediction_type):
         return noisy_latents / (sigmas**2 + 1) - sigmas / (sigmas**2 + 1) ** 0.5 * model_pred
     if prediction_type == "sample":
         return model_pred
-    raise ValueError(f"Unknown prediction type {prediction_type!r}.")
+    raise Refusal(f"Unknown prediction type {prediction_type!r}.")
 
 
 def weighted_denoising_loss(denoised, target, sigmas):
@@ -1142,7 +1152,11 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step, p
 def save_model_card(repo_id, image_logs, base_model, repo_folder, training_details=None):
     """README.md: the Hub metadata (upstream's license, tags and `library_name: diffusers`), and a body
     with the sections of diffusers' training model card, filled in: what the adapter is, a grid per
-    validation prompt (condition then samples), how to use it, its limits and how it was trained."""
+    validation prompt (condition then samples), how to use it, its limits and how it was trained.
+    Without a Hub repo (`repo_id` None) the snippet loads the folder and a local base by absolute path,
+    so that it runs from any working directory."""
+    adapter_location = repo_id or os.path.abspath(repo_folder)
+    base_location = os.path.abspath(base_model) if repo_id is None and os.path.isdir(base_model) else base_model
     image_text = ""
     if image_logs:
         image_text = "You can find some example images below.\n\n"
@@ -1164,7 +1178,7 @@ inference: true
 
 <!-- Written by train_t2i_adapter_sdxl.py from what the run knew; check it and complete it before sharing. -->
 
-# t2iadapter-{repo_id}
+# t2iadapter-{repo_id or Path(repo_folder).name}
 
 These are T2I-Adapter weights trained on {base_model} with a new type of conditioning.
 
@@ -1177,8 +1191,8 @@ import torch
 from diffusers import StableDiffusionXLAdapterPipeline, T2IAdapter
 from diffusers.utils import load_image
 
-adapter = T2IAdapter.from_pretrained("{repo_id}")
-pipeline = StableDiffusionXLAdapterPipeline.from_pretrained("{base_model}", adapter=adapter)
+adapter = T2IAdapter.from_pretrained("{adapter_location}")
+pipeline = StableDiffusionXLAdapterPipeline.from_pretrained("{base_location}", adapter=adapter)
 pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
 condition = load_image("condition.png")  # an image of the kind the adapter was trained on
 image = pipeline("a prompt", image=condition, num_inference_steps=30).images[0]
@@ -1232,6 +1246,7 @@ def make_accelerator(args):
             project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
         ),
     )
+    lifecycle.refuse_lone_process(accelerator)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
@@ -1466,8 +1481,11 @@ def optimisation_step(loss, adapter, optimizer, lr_scheduler, accelerator, losse
     return step_loss
 
 
-def model_card_training_details(args, steps, num_processes, validation=None):
-    """The run's settings worth stating on the model card, and its last validation's control scores."""
+def model_card_training_details(args, steps, accelerator, validation=None):
+    """The run's settings worth stating on the model card, as the run used them (the warm-up only where
+    the schedule has one, the precision accelerate chose), and its last validation's control scores."""
+    num_processes = accelerator.num_processes
+    warmup = args.lr_warmup_steps if args.lr_scheduler not in SCHEDULES_WITHOUT_WARMUP else 0
     details = {
         "data": args.dataset_name or args.train_data_dir,
         "conditioning": args.conditioning_type if args.conditioning_type != "image" else args.conditioning_image_column,
@@ -1475,8 +1493,9 @@ def model_card_training_details(args, steps, num_processes, validation=None):
         "resolution": f"{args.resolution}" + (" (aspect-ratio buckets)" if args.aspect_ratio_buckets else ""),
         "batch size": f"{args.train_batch_size} per device × {num_processes} processes × "
         f"{args.gradient_accumulation_steps} accumulation steps",
-        "learning rate": f"{learning_rate(args, num_processes)} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
-        "mixed precision": args.mixed_precision or "accelerate's default",
+        "learning rate": f"{learning_rate(args, num_processes)} ({args.lr_scheduler}, "
+        + (f"{warmup} warm-up steps)" if warmup else "no warm-up)"),
+        "mixed precision": accelerator.mixed_precision,
     }
     if validation and validation["control"]:
         score = validation["control"]
@@ -1533,17 +1552,15 @@ def finish_training(accelerator, adapter, components, control_pairs, args, weigh
     never the save."""
     if not accelerator.is_main_process:
         return
-    accelerator.unwrap_model(adapter).save_pretrained(args.output_dir)
+    lifecycle.save_adapter(accelerator.unwrap_model(adapter), args.output_dir)
     lifecycle.mark_finished(args.output_dir, global_step, steps_per_epoch)
     logger.info(f"Saved the adapter to {args.output_dir}")
     if preemption.received is None and (validation is None or validation["step"] != global_step):
         validation = validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step,
                               preemption)
     logs = validation["logs"] if validation else None
-    details = model_card_training_details(args, global_step, accelerator.num_processes, validation)
-    save_model_card(
-        repo_id or Path(args.output_dir).name, logs, args.pretrained_model_name_or_path, args.output_dir, details
-    )
+    details = model_card_training_details(args, global_step, accelerator, validation)
+    save_model_card(repo_id, logs, args.pretrained_model_name_or_path, args.output_dir, details)
     if args.push_to_hub and preemption.received is not None:
         logger.warning(f"Not uploaded to {repo_id}: the run was stopped. Upload {args.output_dir} with `hf upload`.")
     elif args.push_to_hub:
@@ -1568,7 +1585,7 @@ def training_run(args, adapter_config, accelerator, hooks):
     repo_id = create_hub_repo(args, accelerator)
 
     memory.check_memory_fits(args, accelerator, trainer=sys.modules[__name__])  # the planner runs this file's step
-    components = load_models(args, adapter_config)
+    components = load_models(args, adapter_config, resume_path)
     weight_dtype = set_up_models(components, args, accelerator)
     sigmas_by_timestep = components.sigmas_by_timestep.to(accelerator.device)
     control_pairs = control_pairs_for(train_data, components, args, data_config, accelerator)
@@ -1656,4 +1673,5 @@ def main(args, hooks=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with stopping.refusals_as_messages():
+        main(parse_args())

@@ -7,6 +7,8 @@ from pathlib import Path
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 
+from .stopping import Refusal
+
 CONFIG_KEYS = {  # what the input checks read of each model's config
     "UNet2DConditionModel": ("block_out_channels", "down_block_types"),
     "AutoencoderKL": ("block_out_channels",),
@@ -21,7 +23,7 @@ def check_model_location(flag, value):
     try:
         validate_repo_id(value)
     except HFValidationError:
-        raise ValueError(f"`{flag}` {value!r} is neither an existing folder nor a Hub repository id.") from None
+        raise Refusal(f"`{flag}` {value!r} is neither an existing folder nor a Hub repository id.") from None
 
 
 def load_model_config(model_class, location, subfolder, args, flag):
@@ -34,12 +36,12 @@ def load_model_config(model_class, location, subfolder, args, flag):
             model_class.load_config(location, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
         )
     except Exception as error:
-        raise ValueError(f"`{flag}` {location!r}: no {model_class.__name__} config found in {where} ({error}).") from None
+        raise Refusal(f"`{flag}` {location!r}: no {model_class.__name__} config found in {where} ({error}).") from None
     found = config.get("_class_name", model_class.__name__)
     missing = [key for key in CONFIG_KEYS[model_class.__name__] if key not in config]
     if found != model_class.__name__ or missing:
         lacking = f" (it has no {', '.join(missing)})" if missing else ""
-        raise ValueError(f"`{flag}` {location!r}: {where} holds a {found} config, not a {model_class.__name__}'s{lacking}.")
+        raise Refusal(f"`{flag}` {location!r}: {where} holds a {found} config, not a {model_class.__name__}'s{lacking}.")
     return config
 
 
@@ -104,14 +106,14 @@ def check_adapter_fits(adapter_config, unet_config, vae_config, resolution):
     """The adapter's feature maps must match, one by one, where the UNet adds them."""
     downscale = adapter_total_downscale(adapter_config)
     if resolution % downscale != 0:
-        raise ValueError(
+        raise Refusal(
             f"`--resolution` {resolution} must be divisible by the adapter's total downscale factor {downscale}."
         )
     adapter_shapes = adapter_feature_shapes(adapter_config, resolution)
     unet_shapes = unet_residual_shapes(unet_config, resolution // vae_scale_factor(vae_config))
     # The mid-block map is optional: an adapter may stop after the down blocks.
     if adapter_shapes not in (unet_shapes, unet_shapes[:-1]):
-        raise ValueError(
+        raise Refusal(
             "The adapter does not fit the UNet: at --resolution "
             f"{resolution} the adapter makes feature maps (channels, size) {adapter_shapes} but the UNet takes"
             f" {unet_shapes} (adapter channels {list(adapter_config['channels'])}, downscale"
@@ -148,7 +150,7 @@ def derive_adapter_config(unet_config, vae_config):
             except ValueError:
                 continue
             return config
-    raise ValueError(
+    raise Refusal(
         "No T2I-Adapter (full_adapter_xl or full_adapter) fits this UNet: its down_block_types"
         f" {list(unet_config['down_block_types'])} with block_out_channels {list(unet_config['block_out_channels'])}"
         f" take feature maps (channels, size) {unet_shapes} from {latent_side}² latents. Pass an adapter built for"

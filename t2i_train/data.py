@@ -4,6 +4,7 @@ trained on, and the pairs held out for the conditioning gain.
 One path for every mode. The training split is loaded whole or streamed, and every sample is checked
 before it is trained on (or read back from the record of an earlier check of the same files)."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -15,10 +16,12 @@ import numpy as np
 from accelerate.logging import get_logger
 from datasets import Image as ImageFeature
 from datasets import load_dataset
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from PIL import Image
 
 from .files import write_json_atomically
 from .images import open_stored_image, verified_upright_size
+from .stopping import Refusal
 
 logger = get_logger(__name__)
 
@@ -112,7 +115,7 @@ def undecoded_images(dataset, args):
 def check_columns(column_names, args):
     for flag, column in used_columns(args).items():
         if column not in column_names:
-            raise ValueError(f"`--{flag}` value {column!r} not found in dataset columns: {', '.join(column_names)}.")
+            raise Refusal(f"`--{flag}` value {column!r} not found in dataset columns: {', '.join(column_names)}.")
 
 
 def local_imagefolder_files(location):
@@ -151,11 +154,27 @@ def local_imagefolder_files(location):
 
 
 def open_dataset(location, args, **options):
-    """`datasets.load_dataset` on the training data; a local imagefolder by its listed files."""
+    """`datasets.load_dataset` on the training data; a local imagefolder by its listed files. For local
+    files datasets' progress bars are off: it "downloads" each file from disk to where it already is."""
     files = local_imagefolder_files(location)
-    if files is None:
-        return load_dataset(location, args.dataset_config_name, cache_dir=args.cache_dir, **options)
-    return load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir, **options)
+    with datasets_progress_bars_off(os.path.exists(location)):
+        if files is None:
+            return load_dataset(location, args.dataset_config_name, cache_dir=args.cache_dir, **options)
+        return load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir, **options)
+
+
+@contextlib.contextmanager
+def datasets_progress_bars_off(off=True):
+    """datasets' progress bars off for the block (unless the user chose with HF_DATASETS_DISABLE_PROGRESS_BARS)."""
+    was_off = are_progress_bars_disabled()
+    chosen = "HF_DATASETS_DISABLE_PROGRESS_BARS" in os.environ
+    if off and not chosen:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if off and not chosen and not was_off:
+            enable_progress_bars()
 
 
 def condition_stretch(image_size, condition_size):
@@ -223,14 +242,14 @@ def scan_samples(dataset, args):
     columns = used_columns(args)
     for flag, column in columns.items():
         if flag != "caption_column" and not isinstance(dataset.features[column], ImageFeature):
-            raise ValueError(
+            raise Refusal(
                 f"`--{flag}` column {column!r} holds {dataset.features[column]}, not images."
                 " (An imagefolder's metadata.jsonl must name it with the '_file_name' suffix.)"
             )
     caption_feature = dataset.features[args.caption_column]
     caption_type = getattr(caption_feature, "dtype", None) or getattr(getattr(caption_feature, "feature", None), "dtype", None)
     if caption_type not in ("string", "large_string"):
-        raise ValueError(f"`--caption_column` column {args.caption_column!r} holds {caption_feature}, not text.")
+        raise Refusal(f"`--caption_column` column {args.caption_column!r} holds {caption_feature}, not text.")
     stored = undecoded_images(dataset.select_columns(list(columns.values())), args)
     bad, sizes = [], []
     for row, sample in enumerate(stored):
@@ -293,7 +312,7 @@ def refuse_or_skip(problem, skip, fix="Fix it", error=None):
     """The one policy for bad samples, before training or during it: without --skip_bad_samples (`skip`)
     stop with `problem` and how to `fix` it; with it, warn with the same words and go on."""
     if not skip:
-        raise ValueError(f"{problem}. {fix}, or pass --skip_bad_samples.") from error
+        raise Refusal(f"{problem}. {fix}, or pass --skip_bad_samples.") from error
     logger.warning(f"{problem}. Skipped.", main_process_only=False)
 
 
@@ -310,7 +329,7 @@ def drop_or_refuse_bad_samples(dataset, args, check_samples, kind="training"):
         bad_rows = {row for row, _ in bad}
         dataset = dataset.select([row for row in range(len(dataset)) if row not in bad_rows])
         if len(dataset) == 0:
-            raise ValueError(f"Every {kind} sample is bad; none is left.")
+            raise Refusal(f"Every {kind} sample is bad; none is left.")
     return dataset, sizes
 
 
@@ -324,7 +343,7 @@ class TrainingData(typing.NamedTuple):
 def hold_out_pairs(dataset, sizes, count, seed):
     """(training rows, their sizes, held-out rows): `count` rows drawn from `seed` are left out of training."""
     if count >= len(dataset):
-        raise ValueError(
+        raise Refusal(
             f"`--validation_pairs` {count} would hold out the whole training set ({len(dataset)} samples)."
         )
     held_out = set(np.random.default_rng([seed, 1]).permutation(len(dataset))[:count].tolist())
@@ -343,20 +362,20 @@ def load_train_dataset(args, seed, check_samples):
     try:
         dataset = open_dataset(location, args)
     except Exception as error:
-        raise ValueError(f"`{flag}` {location!r} could not be loaded as a dataset (is it empty?): {error}") from error
+        raise Refusal(f"`{flag}` {location!r} could not be loaded as a dataset (is it empty?): {error}") from error
     if "train" not in dataset:
-        raise ValueError(f"The dataset has no 'train' split; it has: {', '.join(dataset)}.")
+        raise Refusal(f"The dataset has no 'train' split; it has: {', '.join(dataset)}.")
     train = dataset["train"]
     check_columns(train.column_names, args)
     if len(train) == 0:
-        raise ValueError("The training dataset is empty.")
+        raise Refusal("The training dataset is empty.")
     train, sizes = drop_or_refuse_bad_samples(train, args, check_samples)
     held_out = None
     if args.validation_pairs and validation_set_location(args) is None:
         train, sizes, held_out = hold_out_pairs(train, sizes, args.validation_pairs, seed)
     if args.max_train_samples is not None:
         if args.max_train_samples > len(train):
-            raise ValueError(
+            raise Refusal(
                 f"`--max_train_samples` {args.max_train_samples} is larger than the dataset ({len(train)} samples)."
             )
         rows = np.random.default_rng(seed).permutation(len(train))[: args.max_train_samples].tolist()
@@ -371,13 +390,13 @@ def load_validation_set(args, check_samples):
     try:
         splits = open_dataset(location, dataclasses.replace(args, dataset_config_name=None))
     except Exception as error:
-        raise ValueError(f"`{flag}` {location!r} could not be loaded as a dataset: {error}") from error
+        raise Refusal(f"`{flag}` {location!r} could not be loaded as a dataset: {error}") from error
     split = next((name for name in ("validation", "train") if name in splits), next(iter(splits)))
     pairs = splits[split]
     check_columns(pairs.column_names, args)
     count = args.validation_pairs or min(len(pairs), DEFAULT_VALIDATION_PAIRS)
     if not 2 <= count <= len(pairs):
-        raise ValueError(f"`{flag}` {location!r} has {len(pairs)} sample(s) in '{split}'; {max(count, 2)} are needed.")
+        raise Refusal(f"`{flag}` {location!r} has {len(pairs)} sample(s) in '{split}'; {max(count, 2)} are needed.")
     pairs, _ = drop_or_refuse_bad_samples(pairs.select(range(count)), args, check_samples, kind="validation")
     logger.info(f"The conditioning gain is measured on {len(pairs)} pairs of {location} ('{split}').")
     return pairs
@@ -391,10 +410,10 @@ def load_streaming_dataset(args):
     try:
         stream = open_dataset(location, args, split="train", streaming=True)
     except Exception as error:
-        raise ValueError(f"`{flag}` {location!r} could not be streamed as a dataset: {error}") from error
+        raise Refusal(f"`{flag}` {location!r} could not be streamed as a dataset: {error}") from error
     column_names = stream.column_names or list(next(iter(stream.take(1)), {}))
     if not column_names:
-        raise ValueError(f"`{flag}` {location!r} holds no training samples.")
+        raise Refusal(f"`{flag}` {location!r} holds no training samples.")
     check_columns(column_names, args)
     stream = stream.select_columns(list(used_columns(args).values()) + (["__key__"] if "__key__" in column_names else []))
     return undecoded_images(stream, args)

@@ -26,3 +26,12 @@ def write_json_atomically(path, value):
             json.dump(value, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def follow_umask(*paths):
+    """Give `paths` the mode a new file gets under the umask (0666 less it). safetensors writes 0600
+    whatever the umask, so on a shared cluster folder teammates could not read the adapter."""
+    umask = os.umask(0)  # reading the umask means setting it; put it back at once
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)

@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from .stopping import Refusal
+
 EXIF_ORIENTATION = 0x0112  # the EXIF tag datasets applies when it decodes an image
 CANNY_LOW_RANGE = (50, 150)  # random canny thresholds: low in this range,
 CANNY_GAP_RANGE = (50, 150)  # high = low + a gap in this range
@@ -16,18 +18,18 @@ CANNY_GAP_RANGE = (50, 150)  # high = low + a gap in this range
 
 def check_image_file(flag, path):
     if not os.path.isfile(path):
-        raise ValueError(f"`{flag}` {path!r} does not exist.")
+        raise Refusal(f"`{flag}` {path!r} does not exist.")
     try:
         with Image.open(path) as image:
             image.verify()
     except Exception as error:
-        raise ValueError(f"`{flag}` {path!r} is not a readable image ({error}).") from None
+        raise Refusal(f"`{flag}` {path!r} is not a readable image ({error}).") from None
 
 
 def open_stored_image(value):
     """A PIL image from what an undecoded `datasets.Image` column stores (bytes or a path)."""
     if value is None:
-        raise ValueError("no image")
+        raise Refusal("no image")
     if value.get("bytes") is not None:
         return Image.open(io.BytesIO(value["bytes"]))
     return Image.open(value["path"])
@@ -91,14 +93,14 @@ def random_canny_thresholds(rng):
 def pair_validation_inputs(prompts, images, prompt_flag="--validation_prompt", image_flag="--validation_image"):
     """(prompt, image) pairs: equal counts pair up; a single prompt or image is shared."""
     if not prompts or not images:
-        raise ValueError(f"Pass at least one `{prompt_flag}` and one `{image_flag}`.")
+        raise Refusal(f"Pass at least one `{prompt_flag}` and one `{image_flag}`.")
     if len(prompts) == len(images):
         return list(zip(prompts, images))
     if len(images) == 1:
         return [(prompt, images[0]) for prompt in prompts]
     if len(prompts) == 1:
         return [(prompts[0], image) for image in images]
-    raise ValueError(
+    raise Refusal(
         f"Got {len(prompts)} `{prompt_flag}`s and {len(images)} `{image_flag}`s: provide as many of each,"
         " or exactly one of either."
     )

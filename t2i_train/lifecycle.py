@@ -4,6 +4,7 @@ settings. Stopping, by a signal or an error, is in `stopping`."""
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import random
@@ -20,7 +21,8 @@ from diffusers import T2IAdapter
 from safetensors import safe_open
 
 from . import manifest
-from .files import write_json_atomically
+from .files import follow_umask, write_json_atomically
+from .stopping import Refusal
 
 logger = get_logger(__name__)
 
@@ -80,7 +82,7 @@ def list_checkpoints(output_dir):
 def checkpoint_step(path):
     match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
     if match is None:
-        raise ValueError(f"{path!r} is not a checkpoint folder (checkpoint-<step>).")
+        raise Refusal(f"{path!r} is not a checkpoint folder (checkpoint-<step>).")
     return int(match.group(1))
 
 
@@ -200,7 +202,7 @@ def load_data_state(checkpoint):
         state = json.load(f)
     problems = data_state_problems(state)
     if problems:
-        raise ValueError(f"Cannot resume from {checkpoint}: {path} is not a data state this trainer wrote"
+        raise Refusal(f"Cannot resume from {checkpoint}: {path} is not a data state this trainer wrote"
                          f" ({'; '.join(problems)}). Resume from another checkpoint, or delete this one.")
     return state
 
@@ -265,6 +267,25 @@ def total_batch(args, num_processes):
     return args.train_batch_size * num_processes * args.gradient_accumulation_steps
 
 
+def refuse_lone_process(accelerator, environ=os.environ):
+    """Stop when the launcher asked for several processes but this one trains alone, as accelerate sets
+    them up without a GPU: N runs side by side on one folder, or one run where N were meant."""
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes > 1:
+        return
+    if world_size > 1:
+        asked = f"{world_size} processes (WORLD_SIZE={world_size})"
+    elif "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ:
+        asked = "several processes (MASTER_ADDR is set, as `accelerate launch --num_processes N` sets it)"
+    else:
+        return
+    raise Refusal(
+        f"The launcher asked for {asked}, but this process trains alone (accelerate found no GPU to join them"
+        " on). On CPUs, launch N processes with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu"
+        " --num_processes N`; for one process, launch without `--num_processes` (and with MASTER_ADDR unset)."
+    )
+
+
 def refuse_other_layout(data_state, args, num_processes, checkpoint):
     """Stop, before anything loads, a resume that cannot continue exactly on this layout: another total
     batch (the epoch's plan is made of total batches), or a stream on other processes, workers or
@@ -276,7 +297,7 @@ def refuse_other_layout(data_state, args, num_processes, checkpoint):
         keep = (f"pass --gradient_accumulation_steps {saved_total // per_step}" if saved_total % per_step == 0 else
                 f"choose --train_batch_size and --gradient_accumulation_steps whose product with {num_processes}"
                 f" process(es) is {saved_total}")
-        raise ValueError(
+        raise Refusal(
             f"Cannot resume {checkpoint} with a total batch of {total} (--train_batch_size {args.train_batch_size} ×"
             f" {num_processes} process(es) × --gradient_accumulation_steps {args.gradient_accumulation_steps}): it"
             f" trained with a total batch of {saved_total}, and each epoch is planned in total batches. To continue"
@@ -290,7 +311,7 @@ def refuse_other_layout(data_state, args, num_processes, checkpoint):
             return (f"{values['processes']} process(es) × {values['workers']} DataLoader worker(s) ×"
                     f" --train_batch_size {values['batch_size']}")
 
-        raise ValueError(
+        raise Refusal(
             f"Cannot resume {checkpoint} on {named(layout)}: its stream position was saved by {named(saved_layout)},"
             " each process and worker reading its own shards, so another layout would skip or repeat samples."
             f" Launch it on {named(saved_layout)} (--dataloader_num_workers {saved_layout['workers']},"
@@ -383,7 +404,7 @@ def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
     if resume_from_checkpoint is None:
         earlier = f"checkpoints of an earlier run ({names})" if checkpoints else "a finished run"
         if checkpoints or finished_run(output_dir) is not None or holds_final_adapter(output_dir):
-            raise ValueError(
+            raise Refusal(
                 f"`--output_dir` {output_dir!r} already holds {earlier}. Resume it with `--resume_from_checkpoint"
                 " latest`, or start the new run in another `--output_dir`."
             )
@@ -395,7 +416,7 @@ def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
     else:
         path = os.path.join(output_dir, os.path.basename(os.path.normpath(resume_from_checkpoint)))
     if not os.path.isdir(path):
-        raise ValueError(
+        raise Refusal(
             f"`--resume_from_checkpoint` {resume_from_checkpoint!r}: there is no such checkpoint ({path})."
             f" Checkpoints in {output_dir}: {names or 'none'}. Pass one of them or 'latest'."
         )
@@ -433,7 +454,7 @@ def latest_checkpoint(output_dir, checkpoints):
         logger.warning(f"Skipping {path}, which is incomplete or damaged: {'; '.join(problems)}.")
         skipped.append(os.path.basename(path))
     if skipped:
-        raise ValueError(f"No checkpoint in {output_dir} can be resumed: each is incomplete or damaged"
+        raise Refusal(f"No checkpoint in {output_dir} can be resumed: each is incomplete or damaged"
                          f" ({', '.join(skipped)}; see the warnings above). Delete them, or start a new run in"
                          " another `--output_dir`.")
     return None
@@ -455,7 +476,7 @@ def lock_output_dir(output_dir):
                 holder = f.read().strip()
         except OSError:
             holder = "its holder did not say who it is"
-        raise ValueError(
+        raise Refusal(
             f"`--output_dir` {output_dir!r} is in use by another training run ({holder}). Wait for it to end,"
             " or use another `--output_dir`."
         ) from None
@@ -473,11 +494,17 @@ def unlock_output_dir(folder, output_dir):
     os.close(folder)
 
 
+def save_adapter(adapter, folder):
+    """The adapter in diffusers format in `folder`, its weights readable as the umask allows."""
+    adapter.save_pretrained(folder)
+    follow_umask(*glob.glob(os.path.join(folder, "*.safetensors")))
+
+
 def save_adapter_hook(models, weights, output_dir, accelerator):
     """accelerate save hook: keep the adapter in diffusers format inside the checkpoint."""
     for model in models:
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, ADAPTER_SUBFOLDER))
+            save_adapter(accelerator.unwrap_model(model), os.path.join(output_dir, ADAPTER_SUBFOLDER))
         if weights:
             weights.pop()  # saved above; accelerate need not write it again
 
@@ -493,8 +520,10 @@ def load_adapter_hook(models, input_dir):
 @contextlib.contextmanager
 def exclusive_output_dir(output_dir, accelerator):
     """--output_dir locked for the run (by the main process) and released however the run ends. A
-    refusal on the main process stops every process, before anything is loaded."""
+    refusal on the main process stops every process, before anything is loaded. A folder the run created
+    and left without a file (a start refused on its flags or data) is removed again."""
     lock, refusal = None, None
+    created = accelerator.is_main_process and not os.path.exists(output_dir)
     if accelerator.is_main_process:
         try:
             lock = lock_output_dir(output_dir)
@@ -503,12 +532,14 @@ def exclusive_output_dir(output_dir, accelerator):
     if accelerator.num_processes > 1:
         refusal = broadcast_object_list([refusal])[0]
     if refusal is not None:
-        raise ValueError(refusal)
+        raise Refusal(refusal)
     try:
         yield
     finally:
         if lock is not None:
             unlock_output_dir(lock, output_dir)
+        if created and not any(files for _, _, files in os.walk(output_dir)):
+            shutil.rmtree(output_dir)
 
 
 def find_resume_point(args, accelerator):
@@ -525,7 +556,7 @@ def find_resume_point(args, accelerator):
     if args.resume_from_checkpoint != "latest":  # `latest` verified it while choosing
         problems += manifest.manifest_problems(resume_path)
     if problems:
-        raise ValueError(
+        raise Refusal(
             f"Cannot resume from {resume_path}: {'; '.join(problems)}. Resume from an earlier checkpoint with"
             " `--resume_from_checkpoint checkpoint-<step>`, or delete this one."
             + (" It was saved by an earlier version of this trainer (data_state_0.json), which planned each epoch"
@@ -592,7 +623,7 @@ def refuse_changed_settings(saved, flags, checkpoint):
     refused = {name: change for name, change in changed_settings(saved, flags).items() if name in REFUSED_ON_RESUME}
     if refused:
         listing = "; ".join(f"--{name} {old} → {new} ({REFUSED_ON_RESUME[name]})" for name, (old, new) in refused.items())
-        raise ValueError(f"Cannot resume {checkpoint} with changed settings: {listing}. Pass the checkpoint's"
+        raise Refusal(f"Cannot resume {checkpoint} with changed settings: {listing}. Pass the checkpoint's"
                          " values, or start a new run in another `--output_dir`.")
 
 
@@ -629,14 +660,14 @@ def resume_from(resume_path, data_state, accelerator, batches):
     try:  # each step takes one total batch: a position beyond the step is not this run's
         batches.load_state_dict(process_position(data_state["loader"], accelerator.process_index), most_steps=step)
     except Exception as error:  # torchdata checks a stream's state with bare asserts
-        raise ValueError(
+        raise Refusal(
             f"Cannot resume from {resume_path}: its data position in {data_state_path(resume_path)}"
             f" does not fit this run ({type(error).__name__}: {error})."
         ) from error
     try:
         accelerator.load_state(resume_path)
     except Exception as error:
-        raise ValueError(
+        raise Refusal(
             f"Could not resume from {resume_path}: {type(error).__name__}: {error}. The checkpoint may be damaged;"
             " resume from an earlier one with `--resume_from_checkpoint checkpoint-<step>`."
         ) from error

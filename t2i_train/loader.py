@@ -24,9 +24,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 
 from .data import inspect_sample, refuse_or_skip, stored_sample, undecoded_images
-from .files import replaced_atomically
+from .files import follow_umask, replaced_atomically
 from .images import load_upright_rgb
-from .stopping import STOP_SIGNALS
+from .stopping import STOP_SIGNALS, Refusal
 
 logger = get_logger(__name__)
 
@@ -86,7 +86,7 @@ def collate_fn(examples):
     (None) are left out; a batch needs one left, since every process must take each step."""
     examples = [example for example in examples if example is not None]
     if not examples:
-        raise ValueError("Every sample of a batch failed mid-training (see the warnings above).")
+        raise Refusal("Every sample of a batch failed mid-training (see the warnings above).")
     return {
         key: torch.stack([e[key] for e in examples]).float() if torch.is_tensor(value) else [e[key] for e in examples]
         for key, value in examples[0].items()
@@ -158,6 +158,7 @@ def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_o
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with replaced_atomically(path) as tmp_path:  # readers never see a partial file
                     save_file({"mean": mean.half().cpu().contiguous(), "std": std.half().cpu().contiguous()}, tmp_path)
+                    follow_umask(tmp_path)
             progress.update(len(chunk))
         progress.close()
         return len(rows)
@@ -194,7 +195,7 @@ class PlannedBatchSampler:
 
     def __init__(self, targets, total_batch, batch_size, seed, rank=0, world_size=1):
         if total_batch % (batch_size * world_size):
-            raise ValueError(f"A total batch of {total_batch} is not {world_size} processes × {batch_size}.")
+            raise Refusal(f"A total batch of {total_batch} is not {world_size} processes × {batch_size}.")
         self.targets, self.total_batch, self.batch_size, self.seed = targets, total_batch, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.micro_batches = total_batch // (batch_size * world_size)  # this process's, each step
@@ -339,7 +340,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             logger.warning(f"DataLoader worker {worker.id} of process {self.rank} has no shard of the stream to read;"
                            " it stops (use fewer --dataloader_num_workers, or more shards).", main_process_only=False)
             return
-        raise ValueError(f"Process {self.rank} of {self.world_size} has no sample of the stream to read: the stream"
+        raise Refusal(f"Process {self.rank} of {self.world_size} has no sample of the stream to read: the stream"
                          " has fewer samples than processes.")
 
 
@@ -407,9 +408,9 @@ class TrainingBatches:
         epoch, done = state["epoch"], state["done"]
         steps_per_epoch = self.sampler.steps_per_epoch()
         if done > steps_per_epoch:
-            raise ValueError(f'"done" is {done}, more than the {steps_per_epoch} total batches of an epoch')
+            raise Refusal(f'"done" is {done}, more than the {steps_per_epoch} total batches of an epoch')
         if most_steps is not None and epoch * steps_per_epoch + done > most_steps:
-            raise ValueError(f'"epoch" {epoch} and "done" {done} are {epoch * steps_per_epoch + done} total batches'
+            raise Refusal(f'"epoch" {epoch} and "done" {done} are {epoch * steps_per_epoch + done} total batches'
                              f" of {steps_per_epoch} an epoch, more than the {most_steps} steps the run took by then")
         self.epoch, self.done = epoch, done
 
@@ -434,7 +435,7 @@ def make_train_dataloader(train_data, transform, args, seed, rank, world_size, t
     steps_per_epoch = sampler.steps_per_epoch()
     if steps_per_epoch == 0:
         what = "in any aspect-ratio bucket" if buckets else "of the training set"
-        raise ValueError(f"{len(sizes)} samples make no total batch of {total_batch} {what}"
+        raise Refusal(f"{len(sizes)} samples make no total batch of {total_batch} {what}"
                          " (--train_batch_size × processes × --gradient_accumulation_steps).")
     left_out = len(sizes) - steps_per_epoch * total_batch
     if left_out:

@@ -1,11 +1,13 @@
 """Stopping: a stop signal, which abandons the optimisation step in progress (its state rolled back to where
-the last completed step left it) so that the last completed step is saved at once, and an error, which ends
-the DataLoader workers instead of waiting for them."""
+the last completed step left it) so that the last completed step is saved at once; an error, which ends
+the DataLoader workers instead of waiting for them; and a refusal of bad input, which is one message."""
 
 import contextlib
 import multiprocessing
+import os
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -18,6 +20,24 @@ logger = get_logger(__name__)
 # Stop signals: a cluster's preemption or time limit (SIGTERM; SLURM's pre-timeout notice, `--signal=USR1@120`,
 # is SIGUSR1), Ctrl-C (SIGINT). Each saves the last completed step and stops.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Refusal(ValueError):
+    """Bad input, or a folder the run cannot use: the message says what to change. Not a bug, so the user
+    gets the message alone, without a traceback (`refusals_as_messages`)."""
+
+
+@contextlib.contextmanager
+def refusals_as_messages():
+    """Around the script's entry point: a Refusal ends the process with exit code 2 (argparse's, for a bad
+    command line) and its message, printed by the first process only: every process refuses alike, and
+    N copies of one sentence, each in a traceback, hide it."""
+    try:
+        yield
+    except Refusal as refusal:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {refusal}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 class PreemptionHandler:
