@@ -141,10 +141,13 @@ def test_two_runs_on_one_folder_the_second_refuses_naming_the_first(tiny_sdxl, f
                                    "--resume_from_checkpoint", "latest"))
     returncode, _ = signal_group_and_wait(process, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
+    # What the README says: the killed run's file stays, naming it, but its lock is gone with it.
+    assert f"pid {process.pid}" in (output_dir / lifecycle.LOCK_FILE).read_text()
     monkeypatch.undo()
     step = lifecycle.checkpoint_step(lifecycle.list_checkpoints(output_dir)[-1])
     assert run_training(training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", step + 1,
                                       "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")) == step + 1
+    assert not (output_dir / lifecycle.LOCK_FILE).exists()
 
 
 def test_a_new_run_in_a_folder_with_another_runs_checkpoints_refuses_before_loading(tiny_sdxl, fill_data, tmp_path,
