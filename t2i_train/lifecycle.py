@@ -521,7 +521,7 @@ def load_adapter_hook(models, input_dir):
 def exclusive_output_dir(output_dir, accelerator):
     """--output_dir locked for the run (by the main process) and released however the run ends. A
     refusal on the main process stops every process, before anything is loaded. A folder the run created
-    and left without a file (a start refused on its flags or data) is removed again."""
+    and left without a file when it was refused (its flags, its data) is removed again."""
     lock, refusal = None, None
     created = accelerator.is_main_process and not os.path.exists(output_dir)
     if accelerator.is_main_process:
@@ -533,13 +533,17 @@ def exclusive_output_dir(output_dir, accelerator):
         refusal = broadcast_object_list([refusal])[0]
     if refusal is not None:
         raise Refusal(refusal)
+    refused = False
     try:
         yield
+    except Refusal:
+        refused = True
+        raise
     finally:
         if lock is not None:
             unlock_output_dir(lock, output_dir)
-        if created and not any(files for _, _, files in os.walk(output_dir)):
-            shutil.rmtree(output_dir)
+        if refused and created and not any(files for _, _, files in os.walk(output_dir)):
+            shutil.rmtree(output_dir)  # a failure keeps its folder: what it wrote is evidence
 
 
 def find_resume_point(args, accelerator):
