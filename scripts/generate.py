@@ -149,14 +149,23 @@ def pick_dtype(dtype, device):
     return getattr(torch, dtype)
 
 
+def dtype_keyword():
+    """`from_pretrained`'s name for the dtype: `dtype` from diffusers 0.40, which deprecates `torch_dtype`
+    (and warns about it); older releases know only `torch_dtype` (their models fail on `dtype`)."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.40.0") else "torch_dtype"
+
+
 def load_pipeline(pretrained_model_name_or_path, adapter_dir, device="cpu", dtype=None, scheduler="euler_ancestral"):
     """Load the SDXL base model with the adapter attached, on ``device``."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLAdapterPipeline, T2IAdapter
 
-    # `dtype=`, not `torch_dtype=`: diffusers deprecates the latter and warns about it.
-    adapter = T2IAdapter.from_pretrained(adapter_dir, dtype=dtype)
+    dtype_argument = {dtype_keyword(): dtype}
+    adapter = T2IAdapter.from_pretrained(adapter_dir, **dtype_argument)
     pipe = StableDiffusionXLAdapterPipeline.from_pretrained(
-        pretrained_model_name_or_path, adapter=adapter, dtype=dtype
+        pretrained_model_name_or_path, adapter=adapter, **dtype_argument
     )
     if scheduler == "euler_ancestral":
         # What the upstream README meant: reuse the model's noise schedule with ancestral sampling.

@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
+import generate
 import train_t2i_adapter_sdxl as train
 from helpers import (
     RESOLUTION,
@@ -64,8 +66,6 @@ def test_accelerate_launch_trains_an_adapter_that_the_sdxl_adapter_pipeline_load
     """Through `accelerate launch`: the adapter is written in diffusers format, its weights moved
     away from the starting ones, validation images reach tensorboard and an offline wandb run,
     and StableDiffusionXLAdapterPipeline loads the result and generates an image."""
-    from diffusers import StableDiffusionXLAdapterPipeline, T2IAdapter
-
     initial = save_initial_adapter(tiny_sdxl, str(tmp_path / "initial"))
     output_dir = tmp_path / "out"
     argv = training_argv(tiny_sdxl, fill_data, output_dir, "--max_train_steps", 4, "--validation_steps", 2,
@@ -97,8 +97,13 @@ def test_accelerate_launch_trains_an_adapter_that_the_sdxl_adapter_pipeline_load
     assert [step for step, _ in wandb_gain] == [0, 2, 4]
     assert [gain for _, gain in wandb_gain] == pytest.approx([gain for _, gain in tensorboard_gain], abs=1e-6)
 
-    adapter = T2IAdapter.from_pretrained(output_dir)
-    pipeline = StableDiffusionXLAdapterPipeline.from_pretrained(tiny_sdxl, adapter=adapter)
+    # Loaded as scripts/generate.py loads it, in a dtype that is not the default, with the keyword this
+    # diffusers release takes for it and no deprecation warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline = generate.load_pipeline(tiny_sdxl, str(output_dir), "cpu", torch.float64)
+    assert pipeline.adapter.dtype == pipeline.unet.dtype == torch.float64
+    assert not [w for w in caught if "torch_dtype" in str(w.message)]
     pipeline.set_progress_bar_config(disable=True)
     from PIL import Image
 
