@@ -50,26 +50,6 @@ def plan_memory(options, fake=True):
     return memory.plan_memory(options, train, options.size, options.device_type, fake)
 
 
-# ----------------------------------------------------------------------------------------------
-# Counting
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Models: built on the meta device from configs, placed by the trainer, then made fake or real
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# The plan
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Output
-# ----------------------------------------------------------------------------------------------
-
-
 def describe(options):
     model = {"sdxl": "SDXL", "sdxl-narrow": "SDXL (narrow UNet)"}.get(options.size, options.pretrained_model_name_or_path)
     return (f"{model} at"
@@ -160,8 +140,8 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
-    options = build_parser().parse_args(argv)
+def parse_args(argv=None, parser=None):
+    options = (parser or build_parser()).parse_args(argv)
     if (options.size is None) == (options.pretrained_model_name_or_path is None):
         raise SystemExit("Give one of --size sdxl or --pretrained_model_name_or_path.")
     return options

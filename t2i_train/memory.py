@@ -11,6 +11,7 @@ What is modelled and what is not: scripts/plan_memory.py's --help.
 """
 
 import argparse
+import collections
 import contextlib
 import sys
 import time
@@ -28,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from . import configs, loader
+from . import configs, flops, loader
 
 logger = get_logger(__name__)
 
@@ -50,13 +51,17 @@ class MemoryCounter(TorchDispatchMode):
     An output that shares its storage with an input of the op (a view, an in-place op) allocates
     nothing, so storages made before the counter started (the weights) are never counted.
     `snapshot()`, if given, is called at each new peak and its dict kept with the peak: what the live
-    bytes were made of at that moment."""
+    bytes were made of at that moment.
+
+    It also adds up the FLOPs of the ops that do the arithmetic (`flops.op_flops`), in `flops`:
+    {phase: {arithmetic: FLOPs}}, where the phase is `flop_phase` when set, else `phase`."""
 
     def __init__(self, block=1, snapshot=None):
         super().__init__()
         self.block, self.snapshot = block, snapshot
         self.live = {}  # storage key -> (weakref to the storage, bytes)
         self.bytes, self.peak, self.phase, self.peak_phase, self.peak_detail = 0, 0, "start", None, {}
+        self.flop_phase, self.flops = None, collections.defaultdict(collections.Counter)
 
     def _freed(self, key, nbytes):
         if self.live.pop(key, None) is not None:
@@ -64,6 +69,9 @@ class MemoryCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        counted = flops.op_flops(func, args, kwargs, out)
+        if counted is not None:
+            self.flops[self.flop_phase or self.phase][counted[0]] += counted[1]
         inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
@@ -279,10 +287,18 @@ COMPONENT_NAMES = {"unet": "UNet", "text_encoder": "text encoder 1", "text_encod
                    "vae": "VAE", "adapter": "adapter"}
 
 
-def plan_memory(options, trainer, size=None, device_type="cuda", fake=True):
+# The phases of a step as the FLOP plan names them (the step-1 state is not part of a step's arithmetic).
+FLOP_PHASES = {"batch and VAE encode": "VAE encode", "text encoders": "text encoders",
+               "adapter forward": "adapter forward", "adapter+UNet forward": "UNet forward",
+               "backward": "backward (UNet and adapter)", "optimizer step": "optimizer step"}
+
+
+def plan_memory(options, trainer, size=None, device_type="cuda", fake=True, unet_grads=False):
     """Run a training step of the trainer's code, as a step after the first, on fake tensors (or, with
     fake=False, on real ones on the CPU) and return what it holds: weights by component, gradients, optimizer state and
-    the peak of everything, with the phase it falls in and what it is made of."""
+    the peak of everything, with the phase it falls in and what it is made of; and its FLOPs by phase
+    and arithmetic. `unet_grads` leaves the UNet trainable, as upstream does (its weights get gradients
+    that nothing uses)."""
     # Planned as eager PyTorch attention: torch.compile and xformers kernels cannot run on fake CPU tensors.
     options = argparse.Namespace(**{**vars(options), "torch_compile": False,
                                     "enable_xformers_memory_efficient_attention": False})
@@ -294,6 +310,7 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True):
     components.adapter.requires_grad_(True).train()
     for model in (*components.text_encoders, components.vae, components.unet):
         model.requires_grad_(False)
+    components.unet.requires_grad_(unet_grads)
     # The trainer's placement and dtypes, free on the meta device; then each model made fake or real.
     weight_dtype = trainer.set_up_models(components, options, PlanningAccelerator(options.mixed_precision, torch.device("meta"), trainer))
     accelerator = PlanningAccelerator(options.mixed_precision, torch.device("cpu"), trainer)
@@ -330,6 +347,10 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True):
             counter.phase = counter.phase.replace("backward", "optimizer step")
 
         optimizer.register_step_pre_hook(update_begins)
+        adapter_hooks = [  # the adapter's forward is counted apart from the UNet's, which it runs just before
+            components.adapter.register_forward_pre_hook(lambda *_: setattr(counter, "flop_phase", "adapter forward")),
+            components.adapter.register_forward_hook(lambda *_: setattr(counter, "flop_phase", None)),
+        ]
         with counter:
             # The state step 1 leaves: the optimizer's state made by one update (on zero gradients), and
             # the gradients zeroed or freed as optimisation_step leaves them. Then a whole step.
@@ -347,6 +368,8 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True):
             counter.phase = "backward"
             trainer.optimisation_step(loss, adapter, optimizer, lr_scheduler, accelerator, trainer.StepLosses("cpu"), 1, options)
             del loss
+        for hook in adapter_hooks:
+            hook.remove()
         state = optimizer_state()
     seconds = time.perf_counter() - started
     weights_total = sum(weights.values())
@@ -366,7 +389,16 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True):
         "peak_phase": counter.peak_phase,
         "seconds": seconds,
         "fake": fake,
+        "flops": step_flops(counter.flops, sum(param.numel() for param in adapter_params)),
     }
+
+
+def step_flops(counted, adapter_parameters):
+    """{FLOP_PHASES name: {arithmetic: FLOPs}} of a counted step, the optimizer's update added."""
+    by_phase = {FLOP_PHASES[phase]: dict(kinds) for phase, kinds in counted.items() if phase in FLOP_PHASES}
+    by_phase.setdefault("optimizer step", {})
+    by_phase["optimizer step"].update(flops.optimizer_flops(adapter_parameters))
+    return by_phase
 
 
 def fitting_changes(options, free_bytes, plan):
