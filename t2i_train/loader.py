@@ -30,7 +30,7 @@ from .stopping import STOP_SIGNALS, Refusal
 
 logger = get_logger(__name__)
 
-LATENT_CACHE_VERSION = "2"  # part of each cached latent's key: bump when what is encoded of an image changes
+LATENT_CACHE_VERSION = "1"  # part of each cached latent's key: bump when the centre crop's pixels change
 
 
 def aspect_ratio_buckets(resolution, multiple, max_aspect_ratio=4.0):
@@ -59,17 +59,12 @@ def target_size(size, resolution, buckets=None):
     return nearest_bucket(*size, buckets) if buckets else (resolution, resolution)
 
 
-def row_targets(sizes, args, multiple):
-    """Each row's target size, from its (height, width): the sampler plans by them, the cache encodes at them.
-    `multiple` is the adapter's total downscale (bucket sides are multiples of it)."""
-    buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
-    return [target_size(size, args.resolution, buckets) for size in sizes]
-
-
 def latent_cache_conflicts(args):
-    """The flags the latent cache cannot be combined with (a stream, read once): for the trainer's check
-    and the memory planner's suggestions alike."""
-    return ["--streaming"] if args.streaming else []
+    """The flags the latent cache cannot be combined with (it stores one centre crop per image): for the
+    trainer's check and the memory planner's suggestions alike."""
+    conflicts = [f"--{flag}" for flag in ("streaming", "random_crop", "random_flip", "aspect_ratio_buckets")
+                 if getattr(args, flag)]
+    return conflicts + (["--conditioning_type canny"] if args.conditioning_type == "canny" else [])
 
 
 def plan_batches(targets, batch_size, rng):
@@ -121,14 +116,13 @@ def stored_image_bytes(value):
         return f.read()
 
 
-def latent_cache_keys(dataset, image_column, vae_id, targets, layout):
-    """One key per row: the image's stored bytes, the VAE, the row's target size and what the cache
-    encodes of the image (`layout`: the centre crop or the region random crops are cut from, flipped too)."""
+def latent_cache_keys(dataset, image_column, vae_id, resolution):
+    """One key per row: the image's stored bytes, the VAE and the resolution."""
     stored = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
     keys = []
-    for sample, (height, width) in zip(stored, targets):
+    for sample in stored:
         digest = hashlib.sha256(stored_image_bytes(sample[image_column]))
-        digest.update(f"|{vae_id}|{height}x{width}|{layout}|{LATENT_CACHE_VERSION}".encode())
+        digest.update(f"|{vae_id}|{resolution}|{LATENT_CACHE_VERSION}".encode())
         keys.append(digest.hexdigest())
     return keys
 
@@ -142,10 +136,10 @@ def load_cached_latents(path):
 
 
 @torch.no_grad()
-def fill_latent_cache(dataset, keys, targets, vae, args, accelerator, cache_dir, regions_of):
+def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_of):
     """Encode every image whose latent distribution is not cached yet (each process its share), as
-    `regions_of(image, target size)` makes it the VAE's input ({prefix: pixels}: the trainer's crop, and
-    its flip), stored as float16 `<prefix>mean` and `<prefix>std` in one file per image. A cache folder local to each node holds only its own processes' shares after that: the node's
+    `pixels_of(image)` makes it the VAE's input (the trainer's centre crop), stored as float16 mean and
+    std. A cache folder local to each node holds only its own processes' shares after that: the node's
     processes then split what they still cannot find (torchrun's LOCAL_WORLD_SIZE says how many share the
     node). Returns how many this process encoded."""
     images = undecoded_images(dataset.select_columns([args.image_column]), args)
@@ -157,21 +151,13 @@ def fill_latent_cache(dataset, keys, targets, vae, args, accelerator, cache_dir,
         progress = tqdm(total=len(rows), desc="Caching latents", disable=not accelerator.is_local_main_process)
         for start in range(0, len(rows), 8):
             chunk = rows[start : start + 8]
-            regions = [(row, prefix, pixels) for row in chunk for prefix, pixels in
-                       regions_of(load_upright_rgb(images[row][args.image_column]), targets[row]).items()]
-            entries = collections.defaultdict(dict)
-            for shape in dict.fromkeys(pixels.shape for _, _, pixels in regions):  # one encode per shape
-                alike = [(row, prefix, pixels) for row, prefix, pixels in regions if pixels.shape == shape]
-                stacked = torch.stack([pixels for _, _, pixels in alike]).to(vae.device, dtype=vae.dtype)
-                distribution = vae.encode(stacked).latent_dist
-                for (row, prefix, _), mean, std in zip(alike, distribution.mean, distribution.std):
-                    entries[row][prefix + "mean"] = mean.half().cpu().contiguous()
-                    entries[row][prefix + "std"] = std.half().cpu().contiguous()
-            for row, entry in entries.items():
+            pixels = torch.stack([pixels_of(load_upright_rgb(images[row][args.image_column])) for row in chunk])
+            distribution = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
+            for row, mean, std in zip(chunk, distribution.mean, distribution.std):
                 path = latent_cache_path(cache_dir, keys[row])
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with replaced_atomically(path) as tmp_path:  # readers never see a partial file
-                    save_file(entry, tmp_path)
+                    save_file({"mean": mean.half().cpu().contiguous(), "std": std.half().cpu().contiguous()}, tmp_path)
                     follow_umask(tmp_path)
             progress.update(len(chunk))
         progress.close()
@@ -186,13 +172,11 @@ def fill_latent_cache(dataset, keys, targets, vae, args, accelerator, cache_dir,
     return encoded
 
 
-def cache_latents(train_data, layout, vae, args, accelerator, regions_of, multiple):
-    """Fill the latent cache for the training data, each image as `regions_of(image, target size)` makes
-    it (described by `layout`), and return each row's latent file."""
-    cache_dir, dataset = default_latent_cache_dir(args), train_data.dataset
-    targets = row_targets(train_data.sizes, args, multiple)
-    keys = latent_cache_keys(dataset, args.image_column, vae_fingerprint(vae), targets, layout)
-    encoded = fill_latent_cache(dataset, keys, targets, vae, args, accelerator, cache_dir, regions_of)
+def cache_latents(dataset, vae, args, accelerator, pixels_of):
+    """Fill the latent cache for `dataset` and return each row's latent file."""
+    cache_dir = default_latent_cache_dir(args)
+    keys = latent_cache_keys(dataset, args.image_column, vae_fingerprint(vae), args.resolution)
+    encoded = fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_of)
     logger.info(f"Latent cache {cache_dir}: {len(keys)} images, {encoded} newly encoded on this process.")
     return [latent_cache_path(cache_dir, key) for key in keys]
 
@@ -446,7 +430,7 @@ def make_train_dataloader(train_data, transform, args, seed, rank, world_size, t
     if train_data.streamed:  # it yields whole batches
         batches = StreamingBatches(dataset, transform, args, seed, rank, world_size, buckets)
         return TrainingBatches(StatefulDataLoader(batches, batch_size=None, **loader_options(args, seed))), None
-    targets = row_targets(sizes, args, multiple)
+    targets = [target_size(size, args.resolution, buckets) for size in sizes]
     sampler = PlannedBatchSampler(targets, total_batch, args.train_batch_size, seed, rank, world_size)
     steps_per_epoch = sampler.steps_per_epoch()
     if steps_per_epoch == 0:

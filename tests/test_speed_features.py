@@ -3,26 +3,15 @@ upstream's full-dataset text-embedding precompute."""
 
 import json
 import os
-import random
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from accelerate import PartialState
-from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
 import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv
 from t2i_train import data, lifecycle, loader
-
-SQUARE = [(RESOLUTION, RESOLUTION)]
-
-
-def centre_crop_pixels(image, target_size):
-    """What the trainer's cache encodes of an image without random crops or flips."""
-    return {"": train.to_training_pixels(train.centre_crop(image, target_size[0]))}
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +31,12 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
 
     m = tiny_models
     dataset = data.load_train_dataset(m["args"], 0, data.recorded_scan_samples)[0].select(range(4))
-    keys = loader.latent_cache_keys(dataset, "image", loader.vae_fingerprint(m["vae"]), SQUARE * 4, "centre crop")
-    assert loader.fill_latent_cache(dataset, keys, SQUARE * 4, m["vae"], m["args"], Accelerator(cpu=True),
-                                    str(tmp_path), centre_crop_pixels) == 4
+    keys = loader.latent_cache_keys(dataset, "image", loader.vae_fingerprint(m["vae"]), RESOLUTION)
+    def pixels_of(image):
+        return train.to_training_pixels(train.centre_crop(image, RESOLUTION))
+
+    assert loader.fill_latent_cache(dataset, keys, m["vae"], m["args"], Accelerator(cpu=True), str(tmp_path),
+                                    pixels_of) == 4
     cached = [loader.load_cached_latents(loader.latent_cache_path(str(tmp_path), key)) for key in keys]
     assert cached[0]["mean"].dtype == torch.float16
 
@@ -79,123 +71,27 @@ def test_a_node_local_latent_cache_is_filled_by_each_node(tiny_models, tmp_path)
 
     m = tiny_models
     dataset = data.load_train_dataset(m["args"], 0, data.recorded_scan_samples)[0].select(range(4))
-    keys = loader.latent_cache_keys(dataset, "image", "a-vae", SQUARE * 4, "centre crop")
+    keys = loader.latent_cache_keys(dataset, "image", "a-vae", RESOLUTION)
     second_process = types.SimpleNamespace(process_index=1, num_processes=2, local_process_index=0,
                                            is_local_main_process=True, wait_for_everyone=lambda: None)
-    fill = (dataset, keys, SQUARE * 4, m["vae"], m["args"], second_process, str(tmp_path), centre_crop_pixels)
-    assert loader.fill_latent_cache(*fill) == 4
+
+    def pixels_of(image):
+        return train.to_training_pixels(train.centre_crop(image, RESOLUTION))
+
+    assert loader.fill_latent_cache(dataset, keys, m["vae"], m["args"], second_process, str(tmp_path), pixels_of) == 4
     assert all(os.path.isfile(loader.latent_cache_path(str(tmp_path), key)) for key in keys)
-    assert loader.fill_latent_cache(*fill) == 0
+    assert loader.fill_latent_cache(dataset, keys, m["vae"], m["args"], second_process, str(tmp_path), pixels_of) == 0
 
 
-def test_an_interrupted_cache_fill_keeps_what_it_wrote_and_the_next_fill_encodes_the_rest(tiny_models, tmp_path):
-    """The VAE fails on the second chunk of 8 (an interruption): the first 8 images' files are there, whole,
-    and nothing else; the next fill encodes only the 4 missing ones and leaves the 8 as they are."""
-    import types
-
-    m = tiny_models
-    dataset = data.load_train_dataset(m["args"], 0, data.recorded_scan_samples)[0].select(range(12))
-    keys = loader.latent_cache_keys(dataset, "image", "a-vae", SQUARE * 12, "centre crop")
-    calls = []
-
-    def encode_then_fail(pixels):
-        calls.append(len(pixels))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return m["vae"].encode(pixels)
-
-    failing_vae = types.SimpleNamespace(encode=encode_then_fail, device=m["vae"].device, dtype=m["vae"].dtype)
-    one_process = types.SimpleNamespace(process_index=0, num_processes=1, local_process_index=0,
-                                        is_local_main_process=False, wait_for_everyone=lambda: None)
-    with pytest.raises(KeyboardInterrupt):
-        loader.fill_latent_cache(dataset, keys, SQUARE * 12, failing_vae, m["args"], one_process, str(tmp_path),
-                                 centre_crop_pixels)
-    written = sorted(tmp_path.rglob("*"))
-    files = [path for path in written if path.is_file()]
-    assert [path.name for path in files] == sorted(f"{key}.safetensors" for key in keys[:8])
-    assert all(loader.load_cached_latents(path)["mean"].shape == (4, 8, 8) for path in files)
-    stamps = [path.stat().st_mtime_ns for path in files]
-    assert loader.fill_latent_cache(dataset, keys, SQUARE * 12, m["vae"], m["args"], one_process, str(tmp_path),
-                                    centre_crop_pixels) == 4
-    assert [path.stat().st_mtime_ns for path in files] == stamps
-    assert len(list(tmp_path.rglob("*.safetensors"))) == 12
-
-
-def test_latent_cache_keys_follow_image_content_vae_target_size_and_layout(tiny_models, fill_data):
+def test_latent_cache_keys_follow_image_content_vae_and_resolution(tiny_models, fill_data):
     m = tiny_models
     dataset = data.load_train_dataset(m["args"], 0, data.recorded_scan_samples)[0].select(range(3))
     vae_id = loader.vae_fingerprint(m["vae"])
-    keys = loader.latent_cache_keys(dataset, "image", vae_id, SQUARE * 3, "centre crop")
+    keys = loader.latent_cache_keys(dataset, "image", vae_id, RESOLUTION)
     assert len(set(keys)) == 3
-    assert keys == loader.latent_cache_keys(dataset, "image", vae_id, SQUARE * 3, "centre crop")
-    for other in [(dataset, "image", vae_id, [(2 * RESOLUTION, 2 * RESOLUTION)] * 3, "centre crop"),
-                  (dataset, "image", vae_id, [(32, 128)] * 3, "centre crop"),
-                  (dataset, "image", vae_id, SQUARE * 3, "random crops"),
-                  (dataset, "image", vae_id, SQUARE * 3, "centre crop, flipped too"),
-                  (dataset, "image", "another-vae", SQUARE * 3, "centre crop")]:
-        assert set(keys).isdisjoint(loader.latent_cache_keys(*other))
-
-
-@pytest.mark.parametrize("cache_crops", [None, "exact", "latent_grid"])
-def test_the_latent_cache_gives_each_crop_and_flip_the_latents_of_that_crop(cache_crops):
-    """The cache's geometry: what the transform takes from an image's cache entry, for every crop and flip
-    it draws, is the encoding of the crop its condition gets, for an encoder that commutes with crops and
-    flips on the latent grid (8×8 average pooling). For one that does not (a norm over the whole image, as
-    the VAE's group norms), exact and centre crops still are, and crops cut on the latent grid are not."""
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 200, 3), dtype=np.uint8))
-    random_crop = cache_crops is not None
-
-    def local(pixels):
-        return torch.nn.functional.avg_pool2d(pixels, train.LATENT_GRID)
-
-    def normed(pixels):
-        return local(pixels - pixels.mean())
-
-    regions = train.cached_regions(image, (64, 64), cache_crops, 4, random_flip=True)
-    corners, differences = set(), []
-    for encoder in (local, normed):
-        entry = {f"{prefix}{name}": encoder(pixels) for prefix, pixels in regions.items() for name in ("mean", "std")}
-        for seed in range(40):
-            grid, positions = train.LATENT_GRID, 4 if cache_crops == "exact" else None
-            placement = train.draw_placement(70, 200, (64, 64), random.Random(seed), random_crop, True, grid, positions)
-            if cache_crops == "latent_grid":
-                assert placement.top % grid == placement.left % grid == 0
-            corners.add((placement.left, placement.flip))
-            mean, std = train.cached_crop(entry, placement, cache_crops)
-            assert mean.shape == (3, 8, 8)
-            difference = (mean - encoder(train.to_training_pixels(placement.apply(image)))).abs().max().item()
-            if encoder is local:
-                assert difference < 1e-6
-            differences.append(difference)
-    assert len(regions) == {None: 2, "exact": 8, "latent_grid": 2}[cache_crops]  # each crop, and its flip
-    if cache_crops == "latent_grid":  # 15 corners on the grid over 118 pixels of room, both flips
-        assert len(corners) > 20
-    else:  # the centre, or the 4 exact crops, both flips
-        assert len(corners) == {None: 2, "exact": 8}[cache_crops]
-    normed_apart = max(differences[40:]) > 1e-3
-    assert normed_apart == (cache_crops == "latent_grid")
-
-
-def test_the_latent_crop_measurement_is_zero_without_room_to_crop_and_shows_the_vaes_reach(tiny_models, fill_data):
-    """scripts/measure_latent_crops.py on the tiny VAE: where a crop is the whole cached region (square
-    images at their own size) the cut is the encoding, to the bit; with room to crop (images widened) the
-    cut differs from encoding the crop alone, inside as much as at its edges; and the flipped image's
-    latents are not the flipped latents."""
-    import measure_latent_crops
-
-    vae = tiny_models["vae"]
-    files = sorted((Path(fill_data["imagefolder"]) / "train" / "images").glob("*.png"))[:2]
-    pictures = [Image.open(path).convert("RGB") for path in files]
-    square = measure_latent_crops.measure(vae, pictures, (RESOLUTION, RESOLUTION), 2, 1, seed=0)
-    crop, interior, flip = square.values()
-    assert all(value == (0, 0, 0, 0) for value in crop + interior)
-    assert min(value[0] for value in flip) > 0
-    wide = [picture.resize((2 * RESOLUTION + 24, RESOLUTION)) for picture in pictures]
-    crop, interior, _ = measure_latent_crops.measure(vae, wide, (RESOLUTION, RESOLUTION), 4, 1, seed=0).values()
-    assert max(value[0] for value in crop) > 0
-    # Not an edge effect: inside the crop it differs as much (the VAE's group norms and attention see the
-    # whole picture), which is why the cache's default crops are exact.
-    assert sum(value[1] for value in interior) > 0.5 * sum(value[1] for value in crop)
+    assert keys == loader.latent_cache_keys(dataset, "image", vae_id, RESOLUTION)
+    assert set(keys).isdisjoint(loader.latent_cache_keys(dataset, "image", vae_id, 2 * RESOLUTION))
+    assert set(keys).isdisjoint(loader.latent_cache_keys(dataset, "image", "another-vae", RESOLUTION))
 
 
 def test_training_with_cached_latents_reuses_the_cache_and_matches_fresh_latents(tiny_sdxl, fill_data, tmp_path):
