@@ -65,17 +65,18 @@ def optimizer_flops(num_parameters):
     return {"elementwise": ADAMW_FLOPS_PER_PARAMETER * num_parameters}
 
 
-def total(flops_by_phase, phases=None):
-    """FLOPs of `phases` (all by default) of {phase: {arithmetic: FLOPs}}."""
-    return sum(sum(kinds.values()) for phase, kinds in flops_by_phase.items() if phases is None or phase in phases)
-
-
 def by_arithmetic(flops_by_phase, phases=None):
+    """{arithmetic: FLOPs} of `phases` (all by default) of {phase: {arithmetic: FLOPs}}."""
     counts = collections.Counter()
     for phase, kinds in flops_by_phase.items():
         if phases is None or phase in phases:
             counts.update(kinds)
     return counts
+
+
+def total(flops_by_phase, phases=None):
+    """FLOPs of `phases` (all by default) of {phase: {arithmetic: FLOPs}}."""
+    return sum(by_arithmetic(flops_by_phase, phases).values())
 
 
 def planned_seconds(flops_by_kind, peaks, allow_tf32=False, utilisation=ASSUMED_UTILISATION):

@@ -308,7 +308,7 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True, unet
     components = trainer.Models(scheduler, tokenizers, [built["text_encoder"], built["text_encoder_2"]], built["vae"],
                                 built["unet"], built["adapter"])
     components.adapter.requires_grad_(True).train()
-    for model in (*components.text_encoders, components.vae, components.unet):
+    for model in (*components.text_encoders, components.vae):
         model.requires_grad_(False)
     components.unet.requires_grad_(unet_grads)
     # The trainer's placement and dtypes, free on the meta device; then each model made fake or real.
