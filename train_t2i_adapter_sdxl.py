@@ -111,6 +111,14 @@ def build_parser():
         " mixed-precision dtype.",
     )
     group.add_argument(
+        "--vae_precision",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="The dtype the VAE encodes (and validation decodes) in. Default: upstream's, float32 for the base"
+        " model's VAE (SDXL's overflows in fp16) and the mixed-precision dtype for --pretrained_vae_model_name_or_path."
+        " bf16 has float32's range and runs at the GPU's 16-bit rate; see the README for how far its latents are.",
+    )
+    group.add_argument(
         "--adapter_model_name_or_path",
         type=str,
         default=None,
@@ -265,6 +273,21 @@ def build_parser():
         type=str,
         default=None,
         help="Where --cache_latents stores latents; default: <--cache_dir or ~/.cache/t2i-adapter-sdxl>/latents.",
+    )
+    group.add_argument(
+        "--latent_cache_crops",
+        choices=["exact", "latent_grid"],
+        default="exact",
+        help="With --cache_latents --random_crop: 'exact' caches --latent_cache_crop_positions crops of each image,"
+        " spread evenly over its room to crop and each encoded as it would be without the cache, and each step takes"
+        " one of them; 'latent_grid' encodes the whole image once and cuts any crop on the 8-pixel latent grid from"
+        " its latents, which is not the crop's encoding (the VAE's norms and attention see the whole image; README).",
+    )
+    group.add_argument(
+        "--latent_cache_crop_positions",
+        type=int,
+        default=8,
+        help="How many crops of each image --latent_cache_crops exact caches (and encodes).",
     )
     group.add_argument(
         "--torch_compile",
@@ -476,10 +499,13 @@ def check_args(args):
         raise Refusal("`--streaming` needs `--max_train_steps`: a stream's length is not known in advance.")
     if args.streaming and args.max_train_samples is not None:
         raise Refusal("`--max_train_samples` cannot be used with `--streaming`; bound the run with `--max_train_steps`.")
+    if args.latent_cache_crop_positions < 1:
+        raise Refusal(f"`--latent_cache_crop_positions` must be at least 1, got {args.latent_cache_crop_positions}.")
     cache_conflicts = loader.latent_cache_conflicts(args)
     if args.cache_latents and cache_conflicts:
         raise Refusal(
-            f"`--cache_latents` stores one centre crop per image and cannot be combined with {', '.join(cache_conflicts)}."
+            f"`--cache_latents` cannot be combined with {', '.join(cache_conflicts)}: a stream is read once, so there"
+            " is nothing to cache."
         )
     if args.validation_data_dir is not None and args.validation_dataset_name is not None:
         raise Refusal("Specify only one of `--validation_data_dir` or `--validation_dataset_name`.")
@@ -582,6 +608,8 @@ def check_inputs(args):
 # The transform: one for every mode, image and condition placed alike
 # ------------------------------------------------------------------------------------------
 
+LATENT_GRID = 8  # pixels per latent of SDXL's VAE: crops from cached latents start on this grid
+
 
 def cover_size(height, width, target_height, target_width):
     """The size a (height, width) image is resized to so that it just covers the target; for a
@@ -613,13 +641,29 @@ class Placement(typing.NamedTuple):
         return self.top, self.width - self.left - self.target_width if self.flip else self.left
 
 
-def draw_placement(height, width, target_size, rng=None, random_crop=False, random_flip=False):
+def spaced_corner(placement, index, count):
+    """The corner of the index-th of `count` crops spread evenly over the room a placement leaves (the
+    first at the top left, the last at the bottom right; one crop at the centre)."""
+    def spread(room):
+        return room // 2 if count == 1 else round(index * room / (count - 1))
+
+    return (spread(placement.height - placement.target_height), spread(placement.width - placement.target_width))
+
+
+def draw_placement(height, width, target_size, rng=None, random_crop=False, random_flip=False, grid=1,
+                   crop_positions=None):
     """The placement of a (height, width) image in a target-size crop: resized to just cover it,
-    then cropped at the centre (torchvision's CenterCrop arithmetic, as upstream) or at random."""
+    then cropped at the centre (torchvision's CenterCrop arithmetic, as upstream) or at random: at a
+    corner on a `grid` of pixels (the latent grid, for crops cut from cached latents), or at one of
+    `crop_positions` evenly spread corners (the latent cache's exact crops)."""
     target_height, target_width = target_size
     resized_height, resized_width = cover_size(height, width, target_height, target_width)
-    if random_crop:
-        top, left = rng.randint(0, resized_height - target_height), rng.randint(0, resized_width - target_width)
+    if random_crop and crop_positions:
+        top, left = spaced_corner(Placement(resized_height, resized_width, 0, 0, target_height, target_width),
+                                  rng.randrange(crop_positions), crop_positions)
+    elif random_crop:
+        top = rng.randint(0, (resized_height - target_height) // grid) * grid
+        left = rng.randint(0, (resized_width - target_width) // grid) * grid
     else:
         top = int(round((resized_height - target_height) / 2.0))
         left = int(round((resized_width - target_width) / 2.0))
@@ -635,6 +679,63 @@ def centre_crop(picture, resolution):
 def to_training_pixels(image):
     """A target image as the VAE takes it: a tensor in [-1, 1]."""
     return transforms.functional.normalize(transforms.functional.to_tensor(image), [0.5], [0.5])
+
+
+def cached_placements(height, width, target_size, cache_crops, crop_positions, grid=LATENT_GRID):
+    """What the latent cache encodes of a (height, width) image, unflipped. Without random crops
+    (`cache_crops` None): the centre crop at its target size, as training takes it. "exact": the
+    `crop_positions` crops that training with the cache chooses from. "latent_grid": the whole image
+    resized to cover the target, cut at its top left to the latent grid, so that every crop on the
+    grid is a slice of its latents."""
+    placement = draw_placement(height, width, target_size)
+    if cache_crops is None:
+        return [placement]
+    if cache_crops == "latent_grid":
+        return [placement._replace(top=0, left=0, target_height=placement.height // grid * grid,
+                                   target_width=placement.width // grid * grid)]
+    corners = dict.fromkeys(spaced_corner(placement, index, crop_positions) for index in range(crop_positions))
+    return [placement._replace(top=top, left=left) for top, left in corners]
+
+
+def cached_entry_prefix(placement, cache_crops):
+    """The names of a placement's latents in its image's cache entry: `<prefix>mean`, `<prefix>std`."""
+    crop = f"crop{placement.top}x{placement.left}_" if cache_crops == "exact" else ""
+    return ("flipped_" if placement.flip else "") + crop
+
+
+def cached_region_placements(height, width, target_size, cache_crops, crop_positions, random_flip):
+    """The placements of everything the latent cache encodes of a (height, width) image, flips included."""
+    flips = (False, True) if random_flip else (False,)
+    return [placement._replace(flip=flip) for flip in flips
+            for placement in cached_placements(height, width, target_size, cache_crops, crop_positions)]
+
+
+def cached_region_sizes(height, width, target_size, cache_crops, crop_positions, random_flip):
+    """The (height, width) of each region the latent cache encodes of such an image: its disk estimate."""
+    return [(placement.target_height, placement.target_width) for placement in
+            cached_region_placements(height, width, target_size, cache_crops, crop_positions, random_flip)]
+
+
+def cached_regions(image, target_size, cache_crops, crop_positions, random_flip):
+    """{entry prefix: VAE input} of everything the latent cache encodes of an image, flips included."""
+    placements = cached_region_placements(image.height, image.width, target_size, cache_crops, crop_positions,
+                                          random_flip)
+    return {cached_entry_prefix(placement, cache_crops): to_training_pixels(placement.apply(image))
+            for placement in placements}
+
+
+def cached_crop(cached, placement, cache_crops, grid=LATENT_GRID):
+    """(mean, std) of a sample's latents from its image's cache entry; with "latent_grid" crops, sliced at
+    the placement's crop (a flipped region where the crop lands after the flip)."""
+    prefix = cached_entry_prefix(placement, cache_crops)
+    mean, std = cached[prefix + "mean"], cached[prefix + "std"]
+    if cache_crops != "latent_grid":
+        return mean, std
+    region_width = mean.shape[-1] * grid
+    left = region_width - placement.left - placement.target_width if placement.flip else placement.left
+    rows = slice(placement.top // grid, (placement.top + placement.target_height) // grid)
+    columns = slice(left // grid, (left + placement.target_width) // grid)
+    return mean[:, rows, columns], std[:, rows, columns]
 
 
 def condition_at_image_size(condition, image_size, detection_resolution=None):
@@ -665,8 +766,8 @@ class PairTransform:
     """The one transform: a stored sample to training tensors at a target size, with the sample's
     own RNG (which also picks its caption). Image and condition are placed identically (pixel for
     pixel); with --conditioning_type canny the condition is the edge map of the final crop; with
-    cached latents the image is not decoded, only its size read. The seed goes on with the sample,
-    for its noise."""
+    cached latents the crop lies on the latent grid and the image is not decoded (only its size is read)
+    unless canny needs its pixels. The seed goes on with the sample, for its noise."""
 
     def __init__(self, args, augment=True):  # args: the run's data.DataConfig
         self.image_column = args.image_column
@@ -677,16 +778,21 @@ class PairTransform:
         self.random_crop = args.random_crop and augment  # off for validation pairs: always the centre crop
         self.random_flip = args.random_flip and augment
         self.augment, self.proportion_empty_prompts = augment, args.proportion_empty_prompts
+        self.cache_crops = args.latent_cache_crops if self.random_crop else None  # how cached latents are cropped
+        self.crop_positions = args.latent_cache_crop_positions
 
     def __call__(self, sample, target_size, seed, cached_latents=None):
         rng = random.Random(seed)
-        if cached_latents is None:
+        if cached_latents is None or self.conditioning_type == "canny":
             image = images.load_upright_rgb(sample[self.image_column])
             width, height = image.size
         else:
             with images.open_stored_image(sample[self.image_column]) as opened:
                 width, height = images.upright_size(opened)
-        placement = draw_placement(height, width, target_size, rng, self.random_crop, self.random_flip)
+        grid, positions = 1, None
+        if cached_latents is not None:
+            grid, positions = LATENT_GRID, self.crop_positions if self.cache_crops == "exact" else None
+        placement = draw_placement(height, width, target_size, rng, self.random_crop, self.random_flip, grid, positions)
         pair = {
             "original_sizes": torch.tensor((height, width)),
             "crop_top_lefts": torch.tensor(placement.crop_top_left()),
@@ -695,7 +801,9 @@ class PairTransform:
             image = placement.apply(image)
             pair["pixel_values"] = to_training_pixels(image)
         else:
-            pair["latent_mean"], pair["latent_std"] = cached_latents["mean"], cached_latents["std"]
+            pair["latent_mean"], pair["latent_std"] = cached_crop(cached_latents, placement, self.cache_crops)
+            if self.conditioning_type == "canny":
+                image = placement.apply(image)
         if self.conditioning_type == "canny":
             condition = images.canny_condition(image, *images.random_canny_thresholds(rng))
         else:
@@ -706,16 +814,6 @@ class PairTransform:
                                           rng if self.augment else None)
         pair["seed"] = seed
         return pair
-
-
-# ------------------------------------------------------------------------------------------
-# Latent cache (--cache_latents): each image's VAE latent distribution, encoded once
-# ------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------
-# The loader: planned batches for every mode, one resume mechanism
-# ------------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------
@@ -765,6 +863,14 @@ def batch_time_ids(batch, args, device=None):
 
 def weight_dtype_for(mixed_precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def vae_dtype_for(args, weight_dtype):
+    """--vae_precision, or upstream's rule: SDXL's own VAE in float32, as it overflows in fp16; a replacement
+    VAE (e.g. the fp16-fix one) in the weight dtype."""
+    if args.vae_precision is not None:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.vae_precision]
+    return weight_dtype if args.pretrained_vae_model_name_or_path is not None else torch.float32
 
 
 def text_encoder_class(location, subfolder, args):
@@ -956,11 +1062,6 @@ def sample_latents(mean, std, posterior_noise, scaling_factor):
     """The scaled latent sample `vae.encode(x).latent_dist.sample() * scaling_factor` makes, with its
     standard-normal draw given: for freshly encoded and cached distributions alike."""
     return (mean.float().contiguous() + std.float() * posterior_noise.to(mean.device)) * scaling_factor
-
-
-# ------------------------------------------------------------------------------------------
-# Checkpoints
-# ------------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------
@@ -1257,9 +1358,8 @@ def make_accelerator(args):
 
 def set_up_models(components, args, accelerator):
     """Checkpoints that keep the adapter in diffusers format, attention kernels, memory options and
-    compilation, then each frozen model on the device in the mixed-precision dtype, which is returned.
-    SDXL's own VAE stays float32 because it overflows in fp16 (a replacement VAE, e.g. the fp16-fix
-    one, follows the weight dtype)."""
+    compilation, then each frozen model on the device in the mixed-precision dtype, which is returned
+    (the VAE in `vae_dtype_for`'s)."""
     accelerator.register_save_state_pre_hook(partial(lifecycle.save_adapter_hook, accelerator=accelerator))
     accelerator.register_load_state_pre_hook(lifecycle.load_adapter_hook)
     unet, adapter = components.unet, components.adapter
@@ -1278,22 +1378,27 @@ def set_up_models(components, args, accelerator):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path is not None else torch.float32
-    components.vae.to(accelerator.device, dtype=vae_dtype)
+    components.vae.to(accelerator.device, dtype=vae_dtype_for(args, weight_dtype))
     for model in (unet, *components.text_encoders):
         model.to(accelerator.device, dtype=weight_dtype)
     return weight_dtype
 
 
-def latent_files_for(train_data, components, args, data_config, accelerator):
-    """With --cache_latents, each row's cached latent file (encoded now where missing); else None."""
+def latent_files_for(train_data, components, args, data_config, accelerator, multiple):
+    """With --cache_latents, each row's cached latent file (encoded now where missing); else None.
+    `multiple` is the adapter's total downscale (bucket sides are multiples of it)."""
     if not args.cache_latents:
         return None
 
-    def pixels_of(image):  # what the transform makes of an image without random placement
-        return to_training_pixels(centre_crop(image, args.resolution))
-
-    latent_files = loader.cache_latents(train_data.dataset, components.vae, data_config, accelerator, pixels_of)
+    cache_crops = args.latent_cache_crops if args.random_crop else None
+    rules = {"cache_crops": cache_crops, "crop_positions": args.latent_cache_crop_positions,
+             "random_flip": args.random_flip}
+    layout = {None: "centre crop", "latent_grid": "crops on the latent grid",
+              "exact": f"{args.latent_cache_crop_positions} exact crops"}[cache_crops]
+    layout += ", flipped too" if args.random_flip else ""
+    latent_files = loader.cache_latents(train_data, layout, components.vae, data_config, accelerator,
+                                        partial(cached_regions, **rules),  # picklable, for workers
+                                        partial(cached_region_sizes, **rules), multiple)
     if accelerator.device.type != "cpu":
         components.vae.to("cpu")  # only validation decodes now: free its GPU memory in between
     return latent_files
@@ -1496,6 +1601,8 @@ def model_card_training_details(args, steps, accelerator, validation=None):
         "learning rate": f"{learning_rate(args, num_processes)} ({args.lr_scheduler}, "
         + (f"{warmup} warm-up steps)" if warmup else "no warm-up)"),
         "mixed precision": accelerator.mixed_precision,
+        "VAE encode": str(vae_dtype_for(args, weight_dtype_for(accelerator.mixed_precision))).removeprefix("torch.")
+        + (", cached latents" if args.cache_latents else ", every batch"),
     }
     if validation and validation["control"]:
         score = validation["control"]
@@ -1589,11 +1696,11 @@ def training_run(args, adapter_config, accelerator, hooks):
     weight_dtype = set_up_models(components, args, accelerator)
     sigmas_by_timestep = components.sigmas_by_timestep.to(accelerator.device)
     control_pairs = control_pairs_for(train_data, components, args, data_config, accelerator)
+    multiple = configs.adapter_total_downscale(adapter_config)
     batches, steps_per_epoch = loader.make_train_dataloader(
         train_data, PairTransform(data_config), data_config, seed, accelerator.process_index,
-        accelerator.num_processes, lifecycle.total_batch(args, accelerator.num_processes),
-        configs.adapter_total_downscale(adapter_config),
-        latent_files_for(train_data, components, args, data_config, accelerator),
+        accelerator.num_processes, lifecycle.total_batch(args, accelerator.num_processes), multiple,
+        latent_files_for(train_data, components, args, data_config, accelerator, multiple),
     )
     max_train_steps = total_steps(args, steps_per_epoch)
     adapter, optimizer, lr_scheduler = build_training(components.adapter, args, accelerator, max_train_steps)

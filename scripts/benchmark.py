@@ -30,12 +30,14 @@ Rows of the tiny table:
                 unless named in --rows).
 
 Example: python scripts/benchmark.py --size tiny --num_samples 2048 --steps 20
+         python scripts/benchmark.py --rows ours ours+cache --data_flags "--aspect_ratio_buckets --random_crop --random_flip"
 """
 
 import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -58,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_samples", type=int, default=2048, help="Tiny: dataset size (time to step 1 grows with it upstream).")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=None, help="Default: 8 (tiny), 1 4 16 (sdxl).")
     parser.add_argument("--resolution", type=int, default=None, help="Default: 64 (tiny), 1024 (sdxl).")
+    parser.add_argument("--data_flags", default="",
+                        help="Tiny: trainer flags added to our rows (not upstream's), e.g. "
+                             "'--aspect_ratio_buckets --random_crop --random_flip'.")
     parser.add_argument("--steps", type=int, default=20, help="Timed optimisation steps per row.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
     parser.add_argument("--repeats", type=int, default=2, help="Times each row runs (alternating order).")
@@ -231,6 +236,8 @@ def run_tiny_row(row, options):
         "--learning_rate", "1e-4", "--seed", "0", "--report_to", "none", "--dataloader_num_workers", "1",
         "--mixed_precision", options.mixed_precision,
     ]
+    if row != "upstream":
+        argv += shlex.split(options.data_flags)
     if row == "ours+cache":
         argv += ["--cache_latents", "--latent_cache_dir", latent_dir]
     if row == "ours+stream":
@@ -401,7 +408,7 @@ def run_child(row, options):
                "--resolution", str(options.resolution), "--mixed_precision", options.mixed_precision,
                "--work_dir", options.work_dir, "--peak_tflops", str(options.peak_tflops),
                "--threads", str(options.threads), "--data_format", options.data_format,
-               "--batch_sizes", *map(str, options.batch_sizes)]
+               f"--data_flags={options.data_flags}", "--batch_sizes", *map(str, options.batch_sizes)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(options.threads), "MKL_NUM_THREADS": str(options.threads)}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -515,7 +522,8 @@ def main(options):
             if planned is not None:
                 report["planned_mb"] = planned
     print(f"size={options.size} resolution={options.resolution} mixed_precision={options.mixed_precision}"
-          f" steps={options.steps} (best of {options.repeats}) threads={options.threads}" + (f" samples={options.num_samples} data={options.data_format}" if tiny else ""))
+          f" steps={options.steps} (best of {options.repeats}) threads={options.threads}" + (f" samples={options.num_samples} data={options.data_format}" if tiny else "")
+          + (f" our rows with: {options.data_flags}" if tiny and options.data_flags else ""))
     print(table(reports, (lambda row: "upstream") if tiny else (lambda row: row.split("-")[0] + "-upstream")))
     if options.output_json:
         with open(options.output_json, "w") as f:

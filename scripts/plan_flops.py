@@ -18,6 +18,8 @@ The planned time per step takes each op at the published dense peak of the arith
 in, times an assumed utilisation: bf16/fp16 on the tensor cores; float32 convolutions (the VAE's,
 unless a VAE that follows the weight dtype is given) in TF32, PyTorch's default for cuDNN; float32
 matmuls at the float32 rate unless --allow_tf32. It is an estimate to compare settings and GPUs by.
+Where the step encodes with the VAE in float32, the time table adds the same flags with
+--vae_precision bf16 beside them.
 
 Examples:
   python scripts/plan_flops.py --size sdxl --resolution 1024 --train_batch_size 4 --mixed_precision bf16
@@ -25,6 +27,8 @@ Examples:
 """
 
 import argparse
+
+import torch
 
 import plan_memory
 import train_t2i_adapter_sdxl as train
@@ -36,7 +40,7 @@ TERA = 1e12
 def plan_step_flops(options, upstream=False):
     """{phase: {arithmetic: FLOPs}} of one step of the trainer with `options`, or with upstream's settings."""
     if upstream:
-        options = argparse.Namespace(**{**vars(options), "cache_latents": False})
+        options = argparse.Namespace(**{**vars(options), "cache_latents": False, "vae_precision": None})
     plan = memory.plan_memory(options, train, options.size, options.device_type, unet_grads=upstream)
     return plan["flops"]
 
@@ -68,16 +72,28 @@ def flop_table(ours, upstream):
     return "\n".join(lines)
 
 
-def time_table(ours, upstream, allow_tf32, utilisation=flops.ASSUMED_UTILISATION):
-    lines = ["| GPU (dense peaks, TFLOP/s: bf16 / TF32 / fp32) | ours, s/step | upstream's settings, s/step |"
-             " ours / upstream |", "|---|---:|---:|---:|"]
-    ours_kinds, upstream_kinds = flops.by_arithmetic(ours), flops.by_arithmetic(upstream, per_step(upstream, True))
+def time_table(columns, allow_tf32, utilisation=flops.ASSUMED_UTILISATION):
+    """Planned s/step on each GPU of {label: FLOPs by phase}, the last column upstream's settings, and the
+    ratio of each other column to it."""
+    *ours, upstream = columns
+    kinds = {label: flops.by_arithmetic(by_phase, per_step(by_phase, label == upstream))
+             for label, by_phase in columns.items()}
+    lines = ["| GPU (dense peaks, TFLOP/s: bf16 / TF32 / fp32) | " + " | ".join(f"{label}, s/step" for label in columns)
+             + "".join(f" | {label} / upstream" for label in ours) + " |",
+             "|---|" + "---:|" * (len(columns) + len(ours))]
     for gpu, peaks in flops.GPU_PEAKS.items():
-        mine = flops.planned_seconds(ours_kinds, peaks, allow_tf32, utilisation)
-        theirs = flops.planned_seconds(upstream_kinds, peaks, allow_tf32, utilisation)
-        lines.append(f"| {gpu} ({peaks['bf16']} / {peaks['tf32']} / {peaks['fp32']}) | {mine:.3f} | {theirs:.3f} |"
-                     f" {mine / theirs:.2f} |")
+        seconds = {label: flops.planned_seconds(work, peaks, allow_tf32, utilisation) for label, work in kinds.items()}
+        lines.append(f"| {gpu} ({peaks['bf16']} / {peaks['tf32']} / {peaks['fp32']}) | "
+                     + " | ".join(f"{value:.3f}" for value in seconds.values())
+                     + "".join(f" | {seconds[label] / seconds[upstream]:.2f}" for label in ours) + " |")
     return "\n".join(lines)
+
+
+def vae_in_bf16_too(options):
+    """The same flags with the VAE encoding in bf16, where the step encodes in float32 (no latent cache)."""
+    if options.cache_latents or train.vae_dtype_for(options, train.weight_dtype_for(options.mixed_precision)) != torch.float32:
+        return None
+    return argparse.Namespace(**{**vars(options), "vae_precision": "bf16"})
 
 
 def build_parser():
@@ -100,7 +116,12 @@ def main(options):
     print()
     print(f"Planned time per step, PLANNED (each op at {100 * options.utilisation:.0f} % of the peak of its"
           f" arithmetic; float32 matmuls at the {'TF32' if options.allow_tf32 else 'fp32'} rate):")
-    print(time_table(ours, upstream, options.allow_tf32, options.utilisation))
+    columns = {"ours": ours}
+    bf16_options = vae_in_bf16_too(options)
+    if bf16_options is not None:
+        columns["ours, --vae_precision bf16"] = plan_step_flops(bf16_options)
+    columns["upstream's settings"] = upstream
+    print(time_table(columns, options.allow_tf32, options.utilisation))
     print()
     print(f"TFLOP per step: {flops.total(ours) / TERA:.3f} (upstream's settings:"
           f" {flops.total(upstream, per_step(upstream, True)) / TERA:.3f})")

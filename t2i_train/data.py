@@ -71,6 +71,8 @@ class DataConfig:
     validation_data_dir: typing.Optional[str] = None
     validation_dataset_name: typing.Optional[str] = None
     latent_cache_dir: typing.Optional[str] = None
+    latent_cache_crops: str = "exact"
+    latent_cache_crop_positions: int = 8
 
     @classmethod
     def from_args(cls, args):

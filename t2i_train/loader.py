@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -30,7 +31,7 @@ from .stopping import STOP_SIGNALS, Refusal
 
 logger = get_logger(__name__)
 
-LATENT_CACHE_VERSION = "1"  # part of each cached latent's key: bump when the centre crop's pixels change
+LATENT_CACHE_VERSION = "2"  # part of each cached latent's key: bump when what is encoded of an image changes
 
 
 def aspect_ratio_buckets(resolution, multiple, max_aspect_ratio=4.0):
@@ -59,12 +60,17 @@ def target_size(size, resolution, buckets=None):
     return nearest_bucket(*size, buckets) if buckets else (resolution, resolution)
 
 
+def row_targets(sizes, args, multiple):
+    """Each row's target size, from its (height, width): the sampler plans by them, the cache encodes at them.
+    `multiple` is the adapter's total downscale (bucket sides are multiples of it)."""
+    buckets = aspect_ratio_buckets(args.resolution, multiple) if args.aspect_ratio_buckets else None
+    return [target_size(size, args.resolution, buckets) for size in sizes]
+
+
 def latent_cache_conflicts(args):
-    """The flags the latent cache cannot be combined with (it stores one centre crop per image): for the
-    trainer's check and the memory planner's suggestions alike."""
-    conflicts = [f"--{flag}" for flag in ("streaming", "random_crop", "random_flip", "aspect_ratio_buckets")
-                 if getattr(args, flag)]
-    return conflicts + (["--conditioning_type canny"] if args.conditioning_type == "canny" else [])
+    """The flags the latent cache cannot be combined with (a stream, read once): for the trainer's check
+    and the memory planner's suggestions alike."""
+    return ["--streaming"] if args.streaming else []
 
 
 def plan_batches(targets, batch_size, rng):
@@ -116,13 +122,14 @@ def stored_image_bytes(value):
         return f.read()
 
 
-def latent_cache_keys(dataset, image_column, vae_id, resolution):
-    """One key per row: the image's stored bytes, the VAE and the resolution."""
+def latent_cache_keys(dataset, image_column, vae_id, targets, layout):
+    """One key per row: the image's stored bytes, the VAE, the row's target size and what the cache
+    encodes of the image (`layout`: the centre crop or the region random crops are cut from, flipped too)."""
     stored = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
     keys = []
-    for sample in stored:
+    for sample, (height, width) in zip(stored, targets):
         digest = hashlib.sha256(stored_image_bytes(sample[image_column]))
-        digest.update(f"|{vae_id}|{resolution}|{LATENT_CACHE_VERSION}".encode())
+        digest.update(f"|{vae_id}|{height}x{width}|{layout}|{LATENT_CACHE_VERSION}".encode())
         keys.append(digest.hexdigest())
     return keys
 
@@ -135,48 +142,120 @@ def load_cached_latents(path):
     return load_file(path)
 
 
+class ImageRegions(torch.utils.data.Dataset):
+    """(row, {prefix: VAE input}) of each row to encode, decoded and cropped in DataLoader workers."""
+
+    def __init__(self, images, image_column, rows, targets, regions_of):
+        self.images, self.image_column, self.rows, self.targets = images, image_column, rows, targets
+        self.regions_of = regions_of
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        row = self.rows[index]
+        return row, self.regions_of(load_upright_rgb(self.images[row][self.image_column]), self.targets[row])
+
+
 @torch.no_grad()
-def fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_of):
-    """Encode every image whose latent distribution is not cached yet (each process its share), as
-    `pixels_of(image)` makes it the VAE's input (the trainer's centre crop), stored as float16 mean and
-    std. A cache folder local to each node holds only its own processes' shares after that: the node's
-    processes then split what they still cannot find (torchrun's LOCAL_WORLD_SIZE says how many share the
-    node). Returns how many this process encoded."""
+def fill_latent_cache(dataset, keys, targets, vae, args, accelerator, cache_dir, regions_of, chunk_size=8):
+    """Encode every image whose latent distribution is not cached yet, as `regions_of(image, target size)`
+    makes it the VAE's input ({prefix: pixels}: the trainer's crop, and its flip), stored as float16
+    `<prefix>mean` and `<prefix>std` in one file per image. The processes split what is missing, and
+    each one's DataLoader workers decode and crop its share. A cache folder local to each node holds
+    only its own processes' shares after that: the node's processes then split what they still cannot
+    find (torchrun's LOCAL_WORLD_SIZE says how many share the node). Returns how many this process
+    encoded; an interrupted fill keeps every file it finished."""
     images = undecoded_images(dataset.select_columns([args.image_column]), args)
 
     def missing(rows):
         return [row for row in rows if not os.path.exists(latent_cache_path(cache_dir, keys[row]))]
 
     def encode(rows):
+        chunks = torch.utils.data.DataLoader(
+            ImageRegions(images, args.image_column, rows, targets, regions_of), batch_size=chunk_size,
+            collate_fn=list, num_workers=args.dataloader_num_workers if rows else 0,
+            worker_init_fn=leave_stop_signals_to_the_main_process)
         progress = tqdm(total=len(rows), desc="Caching latents", disable=not accelerator.is_local_main_process)
-        for start in range(0, len(rows), 8):
-            chunk = rows[start : start + 8]
-            pixels = torch.stack([pixels_of(load_upright_rgb(images[row][args.image_column])) for row in chunk])
-            distribution = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
-            for row, mean, std in zip(chunk, distribution.mean, distribution.std):
+        for chunk in chunks:
+            regions = [(row, prefix, pixels) for row, regions_of_row in chunk for prefix, pixels in regions_of_row.items()]
+            entries = collections.defaultdict(dict)
+            for shape in dict.fromkeys(pixels.shape for _, _, pixels in regions):  # one encode per shape
+                alike = [(row, prefix, pixels) for row, prefix, pixels in regions if pixels.shape == shape]
+                stacked = torch.stack([pixels for _, _, pixels in alike]).to(vae.device, dtype=vae.dtype)
+                distribution = vae.encode(stacked).latent_dist
+                for (row, prefix, _), mean, std in zip(alike, distribution.mean, distribution.std):
+                    entries[row][prefix + "mean"] = mean.half().cpu().contiguous()
+                    entries[row][prefix + "std"] = std.half().cpu().contiguous()
+            for row, entry in entries.items():
                 path = latent_cache_path(cache_dir, keys[row])
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with replaced_atomically(path) as tmp_path:  # readers never see a partial file
-                    save_file({"mean": mean.half().cpu().contiguous(), "std": std.half().cpu().contiguous()}, tmp_path)
+                    save_file(entry, tmp_path)
                     follow_umask(tmp_path)
             progress.update(len(chunk))
         progress.close()
         return len(rows)
 
-    share = range(accelerator.process_index, len(keys), accelerator.num_processes)
-    encoded = encode(missing(share))
+    encoded = encode(missing(range(len(keys)))[accelerator.process_index :: accelerator.num_processes])
     accelerator.wait_for_everyone()
-    node_share = range(accelerator.local_process_index, len(keys), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    encoded += encode(missing(node_share))  # none when the folder is shared
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    encoded += encode(missing(range(len(keys)))[accelerator.local_process_index :: local_processes])  # none when shared
     accelerator.wait_for_everyone()
     return encoded
 
 
-def cache_latents(dataset, vae, args, accelerator, pixels_of):
-    """Fill the latent cache for `dataset` and return each row's latent file."""
-    cache_dir = default_latent_cache_dir(args)
-    keys = latent_cache_keys(dataset, args.image_column, vae_fingerprint(vae), args.resolution)
-    encoded = fill_latent_cache(dataset, keys, vae, args, accelerator, cache_dir, pixels_of)
+SAFETENSORS_BYTES_PER_TENSOR = 72  # a tensor's entry in the file's JSON header, about (its name, dtype, shape, offsets)
+
+
+def latent_entry_bytes(region_sizes, latent_channels, vae_downscale):
+    """The bytes of one image's cache file: a float16 mean and std for each region of `region_sizes`
+    ((height, width) in pixels), and their entries in the file's header."""
+    return sum(2 * (2 * latent_channels * (height // vae_downscale) * (width // vae_downscale)
+                    + SAFETENSORS_BYTES_PER_TENSOR) for height, width in region_sizes)
+
+
+def free_bytes(folder):
+    """Free space on the disk that holds `folder`, or would hold it once created."""
+    while not os.path.exists(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    return shutil.disk_usage(folder).free
+
+
+def readable_bytes(size):
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def check_latent_cache_space(cache_dir, keys, sizes, targets, region_sizes_of, vae_config):
+    """Say how much the cache fill will write, before it starts, and refuse a fill that the disk cannot
+    hold (nothing is encoded then). `region_sizes_of(height, width, target size)` gives the (height, width)
+    of each region the cache encodes of such an image."""
+    vae_downscale = 2 ** (len(vae_config.block_out_channels) - 1)
+    missing = [row for row, key in enumerate(keys) if not os.path.exists(latent_cache_path(cache_dir, key))]
+    needed = sum(latent_entry_bytes(region_sizes_of(*sizes[row], targets[row]), vae_config.latent_channels,
+                                    vae_downscale) for row in missing)
+    free = free_bytes(cache_dir)
+    logger.info(f"Latent cache {cache_dir}: {len(keys) - len(missing)} of {len(keys)} images cached;"
+                f" encoding {len(missing)} will write about {readable_bytes(needed)} ({readable_bytes(free)} free there).")
+    if needed > free:
+        raise Refusal(f"The latent cache needs about {readable_bytes(needed)} in {cache_dir} for {len(missing)} images,"
+                      f" but only {readable_bytes(free)} are free there: free some space, or give --latent_cache_dir"
+                      " on a larger disk.")
+
+
+def cache_latents(train_data, layout, vae, args, accelerator, regions_of, region_sizes_of, multiple):
+    """Fill the latent cache for the training data, each image as `regions_of(image, target size)` makes
+    it (described by `layout`; `region_sizes_of` gives its regions' sizes without decoding it), and return
+    each row's latent file."""
+    cache_dir, dataset = default_latent_cache_dir(args), train_data.dataset
+    targets = row_targets(train_data.sizes, args, multiple)
+    keys = latent_cache_keys(dataset, args.image_column, vae_fingerprint(vae), targets, layout)
+    check_latent_cache_space(cache_dir, keys, train_data.sizes, targets, region_sizes_of, vae.config)
+    encoded = fill_latent_cache(dataset, keys, targets, vae, args, accelerator, cache_dir, regions_of)
     logger.info(f"Latent cache {cache_dir}: {len(keys)} images, {encoded} newly encoded on this process.")
     return [latent_cache_path(cache_dir, key) for key in keys]
 
@@ -430,7 +509,7 @@ def make_train_dataloader(train_data, transform, args, seed, rank, world_size, t
     if train_data.streamed:  # it yields whole batches
         batches = StreamingBatches(dataset, transform, args, seed, rank, world_size, buckets)
         return TrainingBatches(StatefulDataLoader(batches, batch_size=None, **loader_options(args, seed))), None
-    targets = [target_size(size, args.resolution, buckets) for size in sizes]
+    targets = row_targets(sizes, args, multiple)
     sampler = PlannedBatchSampler(targets, total_batch, args.train_batch_size, seed, rank, world_size)
     steps_per_epoch = sampler.steps_per_epoch()
     if steps_per_epoch == 0:

@@ -89,6 +89,21 @@ def test_warm_up_is_stated_for_a_schedule_that_has_one(tiny_sdxl, fill_data, tmp
     assert details["mixed precision"] == "bf16"
 
 
+def test_the_model_card_states_the_vaes_precision_and_whether_latents_were_cached(tiny_sdxl, fill_data, tmp_path):
+    import train_t2i_adapter_sdxl as train
+
+    class Accelerator:
+        num_processes, mixed_precision = 1, "bf16"
+
+    def vae_encode(*flags):
+        args = train.parse_args(training_argv(tiny_sdxl, fill_data, tmp_path, *flags))
+        return train.model_card_training_details(args, 10, Accelerator())["VAE encode"]
+
+    assert vae_encode() == "float32, every batch"  # SDXL's own VAE, as upstream runs it
+    assert vae_encode("--vae_precision", "bf16", "--cache_latents") == "bfloat16, cached latents"
+    assert vae_encode("--pretrained_vae_model_name_or_path", tiny_sdxl) == "bfloat16, every batch"
+
+
 def test_the_readme_says_how_to_get_the_validation_images_of_upstreams_command():
     """'Upstream's own command, which works unchanged' needs its two validation images: a command before
     it in the README fetches each one."""

@@ -78,6 +78,19 @@ def test_bf16_runs_the_unet_in_16_bit_and_the_vae_in_float32(tiny_sdxl):
     assert plan["flops"]["VAE encode"][flops.FP32_CONVOLUTION] > 0
 
 
+def test_vae_precision_bf16_moves_the_vae_encode_to_16_bit_and_the_plan_shows_it_beside_float32(tiny_sdxl, capsys):
+    options = flop_options(tiny_sdxl, "--mixed_precision", "bf16", "--vae_precision", "bf16")
+    plan = memory.plan_memory(options, train, None, "cpu")
+    assert set(plan["flops"]["VAE encode"]) == {flops.HALF}
+    float32 = memory.plan_memory(flop_options(tiny_sdxl, "--mixed_precision", "bf16"), train, None, "cpu")
+    assert flops.total(plan["flops"], ["VAE encode"]) == flops.total(float32["flops"], ["VAE encode"])
+    assert plan_flops.plan_step_flops(options, upstream=True)["VAE encode"] == float32["flops"]["VAE encode"]
+    assert plan_flops.vae_in_bf16_too(options) is None
+    plan_flops.main(flop_options(tiny_sdxl, "--mixed_precision", "bf16"))
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| GPU"))
+    assert header.split(" | ")[1:4] == ["ours, s/step", "ours, --vae_precision bf16, s/step", "upstream's settings, s/step"]
+
+
 def test_planned_seconds_take_each_arithmetic_at_its_own_peak():
     peaks = {"bf16": 100, "tf32": 50, "fp32": 10}
     work = {flops.HALF: 1e12, flops.FP32_CONVOLUTION: 1e12, flops.FP32_MATMUL: 1e12, "elementwise": 1e15}

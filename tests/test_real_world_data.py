@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torchvision import transforms
 
 import train_t2i_adapter_sdxl as train
@@ -270,19 +271,40 @@ def assert_resume_is_exact(model, data, tmp_path, flags):
     ["--aspect_ratio_buckets", "--random_crop", "--random_flip", "--dataloader_num_workers", 1,
      "--gradient_accumulation_steps", 2],
     ["--conditioning_type", "canny", "--random_crop"],
+    ["--cache_latents", "--aspect_ratio_buckets", "--random_crop", "--random_flip", "--dataloader_num_workers", 1],
+    ["--cache_latents", "--conditioning_type", "canny", "--random_crop", "--random_flip"],
+    ["--cache_latents", "--random_crop", "--random_flip", "--latent_cache_crops", "latent_grid"],
 ])
 def test_planned_batches_resume_exactly(tiny_sdxl, fill_data, tmp_path, flags):
     """Random crops, flips, buckets and canny thresholds are drawn per sample from the plan's seeds,
-    and the plan's position is saved: a resumed run ends bit for bit where the straight run ends."""
-    assert_resume_is_exact(tiny_sdxl, mixed_aspect_folder(fill_data, tmp_path / "mixed"), tmp_path, flags)
+    and the plan's position is saved: a resumed run ends bit for bit where the straight run ends; also
+    with the latent cache (the resumed run finds it filled)."""
+    if "--cache_latents" in flags:
+        flags = [*flags, "--latent_cache_dir", tmp_path / "latents"]
+    data = mixed_aspect_folder(fill_data, tmp_path / "mixed")
+    assert_resume_is_exact(tiny_sdxl, data, tmp_path, flags)
+    if "--cache_latents" in flags:
+        # One entry an image, with its exact crops (8 over the room of a wide image at a square target,
+        # one where there is no room, as in a bucket that fits) or its one region to cut crops from, each
+        # beside its flip, at its bucket's size.
+        entries = [load_file(path) for path in (tmp_path / "latents").rglob("*.safetensors")]
+        assert len(entries) == len((Path(data["imagefolder"]) / "train" / "metadata.jsonl").read_text().splitlines())
+        crops, heights = set(), set()
+        for entry in entries:
+            prefixes = {name[: -len("mean")] for name in entry if name.endswith("mean")}
+            assert set(entry) == {prefix + name for prefix in prefixes for name in ("mean", "std")}
+            unflipped = {prefix for prefix in prefixes if not prefix.startswith("flipped_")}
+            assert {"flipped_" + prefix for prefix in unflipped} == prefixes - unflipped
+            crops.add(len(unflipped))
+            heights.update(entry[prefix + "mean"].shape[1] for prefix in prefixes)
+        buckets, one_region = "--aspect_ratio_buckets" in flags, "latent_grid" in flags
+        assert crops == ({1} if buckets or one_region else {1, 8}) and heights == ({8, 4} if buckets else {8})
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--streaming"], "`--streaming` needs `--max_train_steps`"),
     (["--streaming", "--max_train_steps", "2", "--max_train_samples", "4"], "cannot be used with `--streaming`"),
-    (["--cache_latents", "--random_flip"], "cannot be combined with --random_flip"),
-    (["--cache_latents", "--aspect_ratio_buckets"], "cannot be combined with --aspect_ratio_buckets"),
-    (["--cache_latents", "--conditioning_type", "canny"], "cannot be combined with --conditioning_type canny"),
+    (["--cache_latents", "--streaming", "--max_train_steps", "2"], "cannot be combined with --streaming"),
     (["--shuffle_buffer_size", "0"], "`--shuffle_buffer_size` must be at least 1"),
 ])
 def test_data_option_conflicts_are_refused(flags, message):
