@@ -75,6 +75,7 @@ LR_SCHEDULERS = (
     "piecewise_constant",
 )
 SCHEDULES_WITHOUT_WARMUP = ("constant", "piecewise_constant")  # diffusers' get_scheduler ignores the warm-up
+TIMESTEP_SAMPLINGS = ("cubic", "uniform", "logit_normal")
 MODEL_CARD_TAGS = (
     "stable-diffusion-xl",
     "stable-diffusion-xl-diffusers",
@@ -260,6 +261,33 @@ def build_parser():
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient norm clipping.")
     group.add_argument(
         "--set_grads_to_none", action="store_true", help="Set gradients to None instead of zero after each step."
+    )
+    group = parser.add_argument_group("What the loss sees (additions to upstream)")
+    group.add_argument(
+        "--timestep_sampling",
+        choices=TIMESTEP_SAMPLINGS,
+        default="cubic",
+        help="How training draws timesteps: cubic (upstream's and the paper's: t = (1 - u³)·T, favouring noisy"
+        " ones), uniform, or logit_normal (t = sigmoid(n)·T, n ~ N(--logit_mean, --logit_std), as SD3 trains).",
+    )
+    group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of --timestep_sampling logit_normal's n.")
+    group.add_argument("--logit_std", type=float, default=1.0, help="Std of --timestep_sampling logit_normal's n.")
+    group.add_argument(
+        "--min_timestep",
+        type=int,
+        default=0,
+        help="Draw timesteps from [--min_timestep, --max_timestep) only; e.g. 500 and 1000 train on the noisier"
+        " half alone, as the T2I-Adapter authors advise for adapters that do not learn.",
+    )
+    group.add_argument(
+        "--max_timestep", type=int, default=None, help="One past the last timestep drawn; default: the scheduler's T."
+    )
+    group.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR-γ loss weighting (Hang et al. 2023; 5 is the paper's choice): each sample's x₀ error is"
+        " weighted by min(SNR, γ) instead of SNR = σ⁻², for every prediction type. Default: off, upstream's loss.",
     )
     group = parser.add_argument_group("Speed (additions to upstream)")
     group.add_argument(
@@ -474,6 +502,10 @@ def check_args(args):
         raise Refusal(
             f"`--resolution` must be divisible by 8 so that VAE latents and adapter features line up, got {args.resolution}."
         )
+    if args.logit_std <= 0:
+        raise Refusal(f"`--logit_std` must be above 0, got {args.logit_std}.")
+    if args.snr_gamma is not None and not args.snr_gamma > 0:
+        raise Refusal(f"`--snr_gamma` must be above 0, got {args.snr_gamma}.")
     if args.detection_resolution is not None and args.detection_resolution <= 0:
         raise Refusal(f"`--detection_resolution` must be positive, got {args.detection_resolution}.")
     for flag in (
@@ -551,6 +583,24 @@ def uses_micro_conditioning(args):
 # ------------------------------------------------------------------------------------------
 
 
+class TimestepSampling(typing.NamedTuple):
+    """How training draws timesteps (--timestep_sampling over [--min_timestep, --max_timestep))."""
+
+    kind: str = "cubic"
+    low: int = 0
+    high: typing.Optional[int] = None  # one past the last; None: the scheduler's T
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    @classmethod
+    def from_args(cls, args, num_train_timesteps):
+        high = num_train_timesteps if args.max_timestep is None else args.max_timestep
+        if not 0 <= args.min_timestep < high <= num_train_timesteps:
+            raise Refusal(f"`--min_timestep` {args.min_timestep} and `--max_timestep` {high} must satisfy"
+                          f" 0 <= min < max <= {num_train_timesteps} (the scheduler's timesteps).")
+        return cls(args.timestep_sampling, args.min_timestep, high, args.logit_mean, args.logit_std)
+
+
 def check_inputs(args):
     """Every check that reads files or configs but loads no weights, run before any model or data loads.
 
@@ -588,6 +638,9 @@ def check_inputs(args):
             T2IAdapter, args.adapter_model_name_or_path, None, args, "--adapter_model_name_or_path"
         )
     configs.check_adapter_fits(adapter_config, unet_config, vae_config, args.resolution)
+    scheduler_config = EulerDiscreteScheduler.load_config(base, subfolder="scheduler", revision=args.revision,
+                                                          cache_dir=args.cache_dir)
+    TimestepSampling.from_args(args, scheduler_config["num_train_timesteps"])  # refuses a range outside [0, T)
     return adapter_config
 
 
@@ -976,14 +1029,21 @@ def load_models(args, adapter_config, resume_path=None):
 # ------------------------------------------------------------------------------------------
 
 
-def sample_timesteps(batch_size, num_train_timesteps, device=None, generator=None):
-    """Cubic sampling (T2I-Adapter paper §3.4): t = (1 - u³)·T favours early, noisy timesteps."""
-    u = torch.rand((batch_size,), device=device, generator=generator)
-    timesteps = ((1 - u**3) * num_train_timesteps).long()
-    return timesteps.clamp(0, num_train_timesteps - 1)
+def sample_timesteps(batch_size, num_train_timesteps, device=None, generator=None, sampling=TimestepSampling()):
+    """Timesteps in [low, high) by `sampling`; by default cubic over all of them (T2I-Adapter paper §3.4:
+    t = (1 - u³)·T favours early, noisy timesteps), as upstream draws them."""
+    low, high = sampling.low, sampling.high or num_train_timesteps
+    if sampling.kind == "logit_normal":
+        normal = torch.randn((batch_size,), device=device, generator=generator)
+        fraction = torch.sigmoid(sampling.logit_mean + sampling.logit_std * normal)
+    else:
+        u = torch.rand((batch_size,), device=device, generator=generator)
+        fraction = 1 - u**3 if sampling.kind == "cubic" else u
+    timesteps = (low + fraction * (high - low)).long()
+    return timesteps.clamp(low, high - 1)
 
 
-def draw_sample_noise(seeds, latent_shape, num_train_timesteps):
+def draw_sample_noise(seeds, latent_shape, num_train_timesteps, sampling=TimestepSampling()):
     """(timesteps, posterior noise, noise) of a batch, each sample's from its own seed in the plan, so
     that a sample is noised alike whichever process, micro-batch or device trains it: its timestep, the
     standard-normal draw of its VAE latent sample, and the noise added to its latents. Drawn on the
@@ -991,7 +1051,7 @@ def draw_sample_noise(seeds, latent_shape, num_train_timesteps):
     timesteps, posterior_noise, noise = [], [], []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
-        timesteps.append(sample_timesteps(1, num_train_timesteps, generator=generator))
+        timesteps.append(sample_timesteps(1, num_train_timesteps, generator=generator, sampling=sampling))
         posterior_noise.append(torch.randn(latent_shape, generator=generator))
         noise.append(torch.randn(latent_shape, generator=generator))
     return torch.cat(timesteps), torch.stack(posterior_noise), torch.stack(noise)
@@ -1009,16 +1069,20 @@ def predict_clean_latents(model_pred, noisy_latents, sigmas, prediction_type):
     raise Refusal(f"Unknown prediction type {prediction_type!r}.")
 
 
-def weighted_denoising_loss(denoised, target, sigmas):
-    """mean over the batch of the per-sample mean of σ⁻²·(x̂₀ − x₀)², in float32."""
+def weighted_denoising_loss(denoised, target, sigmas, snr_gamma=None):
+    """mean over the batch of the per-sample mean of SNR·(x̂₀ − x₀)², SNR = σ⁻², in float32: for ε-prediction
+    the ε error itself. With `snr_gamma`, min(SNR, γ) instead (min-SNR-γ): the weight of ε's error becomes
+    min(SNR, γ)/SNR and of v's min(SNR, γ)/(SNR + 1), the paper's, since both are this x₀ error."""
     weighting = sigmas.float() ** -2.0
+    if snr_gamma is not None:
+        weighting = weighting.clamp(max=snr_gamma)
     per_sample = (weighting * (denoised.float() - target.float()) ** 2).reshape(target.shape[0], -1).mean(dim=1)
     return per_sample.mean()
 
 
 def adapter_training_loss(
     unet, adapter, latents, conditioning_pixel_values, prompt_embeds, added_cond_kwargs, sigmas_by_timestep,
-    prediction_type, weight_dtype, noise=None, timesteps=None,
+    prediction_type, weight_dtype, noise=None, timesteps=None, snr_gamma=None,
 ):
     """One training step's loss on clean latents (float32).
 
@@ -1047,7 +1111,7 @@ def adapter_training_loss(
         return_dict=False,
     )[0]
     denoised = predict_clean_latents(model_pred.float(), noisy_latents, sigmas, prediction_type)
-    return weighted_denoising_loss(denoised, latents, sigmas)
+    return weighted_denoising_loss(denoised, latents, sigmas, snr_gamma)
 
 
 @torch.no_grad()
@@ -1484,9 +1548,10 @@ class RunHooks:
     times each step and emulates upstream through them (tests/test_benchmark.py runs both). The
     defaults are this trainer's own behaviour."""
 
-    def check_samples(self, dataset, args):
-        """(bad rows with their problems, each good row's image size), before training."""
-        return data.recorded_scan_samples(dataset, args)
+    def check_samples(self, dataset, args, accelerator):
+        """(bad rows with their problems, each good row's image size), before training; every process
+        calls it at once."""
+        return data.recorded_scan_samples(dataset, args, accelerator)
 
     def models_ready(self, components, train_data, args):
         """Called once, when the models are loaded and placed and the data is ready."""
@@ -1509,7 +1574,9 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
         mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
     else:
         mean, std = encode_latent_distribution(vae, batch["pixel_values"])
-    timesteps, posterior_noise, noise = draw_sample_noise(batch["seed"], mean.shape[1:], len(sigmas_by_timestep))
+    timesteps, posterior_noise, noise = draw_sample_noise(
+        batch["seed"], mean.shape[1:], len(sigmas_by_timestep), TimestepSampling.from_args(args, len(sigmas_by_timestep))
+    )
     latents = sample_latents(mean, std, posterior_noise, vae.config.scaling_factor)
     prompt_embeds, pooled_embeds = hooks.encode_prompt(batch["captions"], components)
     time_ids = batch_time_ids(batch, args, device)
@@ -1525,6 +1592,7 @@ def batch_loss(batch, components, adapter, sigmas_by_timestep, args, weight_dtyp
         weight_dtype,
         noise.to(device),
         timesteps.to(device),
+        args.snr_gamma,
     )
 
 
@@ -1603,6 +1671,9 @@ def model_card_training_details(args, steps, accelerator, validation=None):
         "mixed precision": accelerator.mixed_precision,
         "VAE encode": str(vae_dtype_for(args, weight_dtype_for(accelerator.mixed_precision))).removeprefix("torch.")
         + (", cached latents" if args.cache_latents else ", every batch"),
+        "timesteps": f"{args.timestep_sampling} over [{args.min_timestep}, {args.max_timestep or 'T'})"
+        + (f", n ~ N({args.logit_mean}, {args.logit_std})" if args.timestep_sampling == "logit_normal" else ""),
+        "loss weighting": f"min-SNR-γ, γ = {args.snr_gamma}" if args.snr_gamma else "SNR = σ⁻² on the x₀ error (upstream's)",
     }
     if validation and validation["control"]:
         score = validation["control"]
@@ -1687,8 +1758,11 @@ def training_run(args, adapter_config, accelerator, hooks):
     seed, run = lifecycle.run_identity(args, accelerator, resumed_data_state)
     set_seed(seed)  # the new adapter's initial weights; every draw of training comes from its sample's seed
     data_config = data.DataConfig.from_args(args)  # what the data code reads of the flags, once
-    with accelerator.main_process_first():  # data first: a bad column fails before any model loads
-        train_data = data.load_training_data(data_config, seed, hooks.check_samples)
+    # Data first, so that a bad column fails before any model loads: prepared by the main process, then
+    # loaded by all, which share the sample check.
+    with accelerator.main_process_first():
+        data.prepare_datasets(data_config)
+    train_data = data.load_training_data(data_config, seed, partial(hooks.check_samples, accelerator=accelerator))
     repo_id = create_hub_repo(args, accelerator)
 
     memory.check_memory_fits(args, accelerator, trainer=sys.modules[__name__])  # the planner runs this file's step

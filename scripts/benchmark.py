@@ -118,7 +118,7 @@ def upstream_training_loss(scheduler):
     import train_t2i_adapter_sdxl as train
 
     def loss(unet, adapter, latents, conditions, prompt_embeds, added_cond_kwargs, sigmas_by_timestep,
-             prediction_type, weight_dtype, noise=None, timesteps=None):
+             prediction_type, weight_dtype, noise=None, timesteps=None, snr_gamma=None):
         latents = latents.to(weight_dtype)
         noise = torch.randn_like(latents)
         timesteps = train.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, latents.device)
@@ -161,7 +161,7 @@ def upstream_hooks(train, work_dir):
             super().__init__()
             self.report, self.embeddings, self.loss = {}, {}, None
 
-        def check_samples(self, dataset, args):
+        def check_samples(self, dataset, args, accelerator):
             return [], [None] * len(dataset)  # upstream checks no sample; sizes matter only to buckets
 
         def models_ready(self, components, train_data, args):

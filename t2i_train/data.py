@@ -4,6 +4,7 @@ trained on, and the pairs held out for the conditioning gain.
 One path for every mode. The training split is loaded whole or streamed, and every sample is checked
 before it is trained on (or read back from the record of an earlier check of the same files)."""
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -14,6 +15,7 @@ import typing
 
 import numpy as np
 from accelerate.logging import get_logger
+from accelerate.utils import gather_object
 from datasets import Image as ImageFeature
 from datasets import load_dataset
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
@@ -165,6 +167,29 @@ def open_dataset(location, args, **options):
         return load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir, **options)
 
 
+def open_named_dataset(flag, location, args):
+    """`open_dataset` of what `flag` names; a failure is a refusal that names the flag."""
+    try:
+        return open_dataset(location, args)
+    except Exception as error:
+        raise Refusal(f"`{flag}` {location!r} could not be loaded as a dataset (is it empty?): {error}") from error
+
+
+def validation_set_args(args):
+    return dataclasses.replace(args, dataset_config_name=None)  # the config name is the training set's
+
+
+def prepare_datasets(args):
+    """Open the training set and the validation set, if any, so that `datasets` prepares their tables (a
+    local folder's, a download's) on this process; the others then open what it prepared. Run by the main
+    process first: loading and the sample check follow on every process at once."""
+    if args.streaming:
+        return  # a stream prepares nothing
+    open_named_dataset(*dataset_location(args), args)
+    if validation_set_location(args) is not None:
+        open_named_dataset(*validation_set_location(args), validation_set_args(args))
+
+
 @contextlib.contextmanager
 def datasets_progress_bars_off(off=True):
     """datasets' progress bars off for the block (unless the user chose with HF_DATASETS_DISABLE_PROGRESS_BARS)."""
@@ -238,9 +263,11 @@ def stored_sample(sample, args):
     return sample.get(args.image_column), condition, sample.get(args.caption_column)
 
 
-def scan_samples(dataset, args):
-    """(bad, sizes): (row, problem) for every sample that cannot be trained on, and every good
-    row's image (height, width)."""
+SAMPLE_CHECK_THREADS = 16  # per process: a check mostly reads files, which threads overlap
+SAMPLE_CHECK_BLOCK = 1024  # rows read from the table at once, then inspected by the threads
+
+
+def check_column_types(dataset, args):
     columns = used_columns(args)
     for flag, column in columns.items():
         if flag != "caption_column" and not isinstance(dataset.features[column], ImageFeature):
@@ -252,15 +279,31 @@ def scan_samples(dataset, args):
     caption_type = getattr(caption_feature, "dtype", None) or getattr(getattr(caption_feature, "feature", None), "dtype", None)
     if caption_type not in ("string", "large_string"):
         raise Refusal(f"`--caption_column` column {args.caption_column!r} holds {caption_feature}, not text.")
-    stored = undecoded_images(dataset.select_columns(list(columns.values())), args)
-    bad, sizes = [], []
-    for row, sample in enumerate(stored):
-        problem, size = inspect_sample(*stored_sample(sample, args))
-        if problem is None:
-            sizes.append(size)
-        else:
-            bad.append((row, problem))
-    return bad, sizes
+
+
+def inspect_rows(dataset, args, rows, threads=SAMPLE_CHECK_THREADS):
+    """[(row, problem, size)] of `rows` (ascending), `inspect_sample` of each, on `threads` threads."""
+    stored = undecoded_images(dataset.select_columns(list(used_columns(args).values())), args)
+    inspected = []
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for start in range(0, len(rows), SAMPLE_CHECK_BLOCK):
+            block = rows[start : start + SAMPLE_CHECK_BLOCK]
+            samples = stored.select(block) if len(block) < len(stored) else stored
+            found = pool.map(lambda sample: inspect_sample(*stored_sample(sample, args)), samples)
+            inspected += [(row, *result) for row, result in zip(block, found)]
+    return inspected
+
+
+def scan_samples(dataset, args, process_index=0, num_processes=1, gather=None):
+    """(bad, sizes): (row, problem) for every sample that cannot be trained on, and every good
+    row's image (height, width). With several processes each inspects every `num_processes`-th row and
+    `gather` (accelerate's gather_object) hands every process all of them."""
+    check_column_types(dataset, args)
+    inspected = inspect_rows(dataset, args, list(range(process_index, len(dataset), num_processes)))
+    if num_processes > 1:
+        inspected = sorted(gather(inspected))
+    bad = [(row, problem) for row, problem, _ in inspected if problem is not None]
+    return bad, [size for _, problem, size in inspected if problem is None]
 
 
 def image_file_sizes(dataset, args):
@@ -291,20 +334,27 @@ def sample_check_record_path(dataset, args):
     return os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"t2i_sample_check-{key}.json")
 
 
-def recorded_scan_samples(dataset, args):
+def recorded_scan_samples(dataset, args, accelerator=None):
     """`scan_samples`, read back from the record of an earlier run on the same files when there is one.
-    A check opens every image; at 50 k pairs of megabyte PNGs that is minutes on every restart."""
+    A check opens every image; at 50 k pairs of megabyte PNGs that is minutes on every restart. With
+    `accelerator` every process calls this at once and they share the check, unless every one of them
+    finds the record (a cache folder may be local to each node); each node's first process writes it."""
+    processes = accelerator.num_processes if accelerator is not None else 1
     record_path = sample_check_record_path(dataset, args)
-    if record_path is not None and os.path.exists(record_path):
+    recorded = record_path is not None and os.path.exists(record_path)
+    if processes > 1:  # all read, or all check: the check gathers
+        recorded = all(gather_object([recorded]))
+    if recorded:
         with open(record_path) as f:
             record = json.load(f)
         logger.info(f"Read the sample check of {len(dataset)} samples from {record_path}.", main_process_only=False)
         return [tuple(entry) for entry in record["bad"]], [tuple(size) for size in record["sizes"]]
-    bad, sizes = scan_samples(dataset, args)
-    logger.info(f"Checked all {len(dataset)} samples: {len(bad)} bad.", main_process_only=False)
-    if record_path is not None:
-        try:
-            write_json_atomically(record_path, {"bad": bad, "sizes": sizes})  # ranks writing at once each replace it whole
+    share = (accelerator.process_index, processes, gather_object) if processes > 1 else ()
+    bad, sizes = scan_samples(dataset, args, *share)
+    logger.info(f"Checked all {len(dataset)} samples on {processes} process(es): {len(bad)} bad.")
+    if record_path is not None and (accelerator is None or accelerator.is_local_main_process):
+        try:  # each node's first process: a shared folder's record is replaced whole by each
+            write_json_atomically(record_path, {"bad": bad, "sizes": sizes})
         except OSError as error:  # a read-only shared cache: check again next time
             logger.warning(f"Could not record the sample check in {record_path}: {error}")
     return bad, sizes
@@ -360,11 +410,7 @@ def load_train_dataset(args, seed, check_samples):
     Bad samples stop the run or are dropped (--skip_bad_samples); --max_train_samples keeps the
     first N rows of a shuffle drawn from `seed`, as upstream does.
     """
-    flag, location = dataset_location(args)
-    try:
-        dataset = open_dataset(location, args)
-    except Exception as error:
-        raise Refusal(f"`{flag}` {location!r} could not be loaded as a dataset (is it empty?): {error}") from error
+    dataset = open_named_dataset(*dataset_location(args), args)
     if "train" not in dataset:
         raise Refusal(f"The dataset has no 'train' split; it has: {', '.join(dataset)}.")
     train = dataset["train"]
@@ -389,10 +435,7 @@ def load_validation_set(args, check_samples):
     """The first --validation_pairs rows (default up to DEFAULT_VALIDATION_PAIRS) of the validation
     set, checked like training samples."""
     flag, location = validation_set_location(args)
-    try:
-        splits = open_dataset(location, dataclasses.replace(args, dataset_config_name=None))
-    except Exception as error:
-        raise Refusal(f"`{flag}` {location!r} could not be loaded as a dataset: {error}") from error
+    splits = open_named_dataset(flag, location, validation_set_args(args))
     split = next((name for name in ("validation", "train") if name in splits), next(iter(splits)))
     pairs = splits[split]
     check_columns(pairs.column_names, args)

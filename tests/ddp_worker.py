@@ -1,7 +1,8 @@
 """Test helper: run the training script under torchrun and save each rank's final adapter weights
-to $RANK_WEIGHTS_DIR/rank<N>.safetensors, so a test can check that all ranks agree, and the dataset
+to $RANK_WEIGHTS_DIR/rank<N>.safetensors, so a test can check that all ranks agree, the dataset
 rows each rank trained on, in order, to $RANK_WEIGHTS_DIR/rank<N>-rows.json (with 0 DataLoader
-workers, which run in this process).
+workers, which run in this process), and the rows its share of the sample check inspected to
+rank<N>-checked.json.
 
 Usage: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py <training flags>
 """
@@ -13,11 +14,12 @@ from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import train_t2i_adapter_sdxl as train  # noqa: E402
-from t2i_train import loader
+from t2i_train import data, loader
 
 end_training = Accelerator.end_training
 get_pair = loader.PlannedPairs.__getitem__
-rows_seen = []
+inspect_rows = data.inspect_rows
+rows_seen, rows_checked = [], []
 
 
 def save_rank_weights_then_end_training(accelerator):
@@ -27,7 +29,14 @@ def save_rank_weights_then_end_training(accelerator):
     save_file(state, os.path.join(folder, f"rank{accelerator.process_index}.safetensors"))
     with open(os.path.join(folder, f"rank{accelerator.process_index}-rows.json"), "w") as f:
         json.dump(rows_seen, f)
+    with open(os.path.join(folder, f"rank{accelerator.process_index}-checked.json"), "w") as f:
+        json.dump(rows_checked, f)
     end_training(accelerator)
+
+
+def record_rows_then_inspect(dataset, args, rows, *more):
+    rows_checked.extend(rows)
+    return inspect_rows(dataset, args, rows, *more)
 
 
 def record_row_then_get_pair(pairs, key):
@@ -38,4 +47,5 @@ def record_row_then_get_pair(pairs, key):
 if __name__ == "__main__":
     Accelerator.end_training = save_rank_weights_then_end_training
     loader.PlannedPairs.__getitem__ = record_row_then_get_pair
+    data.inspect_rows = record_rows_then_inspect
     train.main(train.parse_args())

@@ -274,11 +274,12 @@ def assert_resume_is_exact(model, data, tmp_path, flags):
     ["--cache_latents", "--aspect_ratio_buckets", "--random_crop", "--random_flip", "--dataloader_num_workers", 1],
     ["--cache_latents", "--conditioning_type", "canny", "--random_crop", "--random_flip"],
     ["--cache_latents", "--random_crop", "--random_flip", "--latent_cache_crops", "latent_grid"],
+    ["--timestep_sampling", "logit_normal", "--min_timestep", 200, "--snr_gamma", 5],
 ])
 def test_planned_batches_resume_exactly(tiny_sdxl, fill_data, tmp_path, flags):
-    """Random crops, flips, buckets and canny thresholds are drawn per sample from the plan's seeds,
-    and the plan's position is saved: a resumed run ends bit for bit where the straight run ends; also
-    with the latent cache (the resumed run finds it filled)."""
+    """Random crops, flips, buckets, canny thresholds and timesteps (with any sampling) are drawn per
+    sample from the plan's seeds, and the plan's position is saved: a resumed run ends bit for bit where
+    the straight run ends; also with the latent cache (the resumed run finds it filled)."""
     if "--cache_latents" in flags:
         flags = [*flags, "--latent_cache_dir", tmp_path / "latents"]
     data = mixed_aspect_folder(fill_data, tmp_path / "mixed")
