@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 try:  # the machinery behind the training story, in the package beside this script
-    from t2i_train import configs, control, data, images, lifecycle, loader, memory, stopping
+    from t2i_train import configs, control, data, geometry, images, lifecycle, loader, memory, stopping
     from t2i_train.stopping import Refusal
 except ModuleNotFoundError as error:
     if error.name != "t2i_train":
@@ -661,136 +661,6 @@ def check_inputs(args):
 # The transform: one for every mode, image and condition placed alike
 # ------------------------------------------------------------------------------------------
 
-LATENT_GRID = 8  # pixels per latent of SDXL's VAE: crops from cached latents start on this grid
-
-
-def cover_size(height, width, target_height, target_width):
-    """The size a (height, width) image is resized to so that it just covers the target; for a
-    square target this is torchvision's Resize(shorter side) arithmetic, as upstream uses."""
-    if target_height / height >= target_width / width:
-        return target_height, int(target_height * width / height)
-    return int(target_width * height / width), target_width
-
-
-class Placement(typing.NamedTuple):
-    """Where an image lands in its training crop: resized to (height, width), cropped at (top, left)
-    to the target size, maybe flipped."""
-
-    height: int
-    width: int
-    top: int
-    left: int
-    target_height: int
-    target_width: int
-    flip: bool = False
-
-    def apply(self, picture):
-        box = (self.left, self.top, self.left + self.target_width, self.top + self.target_height)
-        picture = picture.resize((self.width, self.height), Image.BILINEAR).crop(box)
-        return picture.transpose(Image.FLIP_LEFT_RIGHT) if self.flip else picture
-
-    def crop_top_left(self):
-        """The crop's corner as the UNet is told it: as seen in the (maybe flipped) image."""
-        return self.top, self.width - self.left - self.target_width if self.flip else self.left
-
-
-def spaced_corner(placement, index, count):
-    """The corner of the index-th of `count` crops spread evenly over the room a placement leaves (the
-    first at the top left, the last at the bottom right; one crop at the centre)."""
-    def spread(room):
-        return room // 2 if count == 1 else round(index * room / (count - 1))
-
-    return (spread(placement.height - placement.target_height), spread(placement.width - placement.target_width))
-
-
-def draw_placement(height, width, target_size, rng=None, random_crop=False, random_flip=False, grid=1,
-                   crop_positions=None):
-    """The placement of a (height, width) image in a target-size crop: resized to just cover it,
-    then cropped at the centre (torchvision's CenterCrop arithmetic, as upstream) or at random: at a
-    corner on a `grid` of pixels (the latent grid, for crops cut from cached latents), or at one of
-    `crop_positions` evenly spread corners (the latent cache's exact crops)."""
-    target_height, target_width = target_size
-    resized_height, resized_width = cover_size(height, width, target_height, target_width)
-    if random_crop and crop_positions:
-        top, left = spaced_corner(Placement(resized_height, resized_width, 0, 0, target_height, target_width),
-                                  rng.randrange(crop_positions), crop_positions)
-    elif random_crop:
-        top = rng.randint(0, (resized_height - target_height) // grid) * grid
-        left = rng.randint(0, (resized_width - target_width) // grid) * grid
-    else:
-        top = int(round((resized_height - target_height) / 2.0))
-        left = int(round((resized_width - target_width) / 2.0))
-    flip = random_flip and rng.random() < 0.5
-    return Placement(resized_height, resized_width, top, left, target_height, target_width, flip)
-
-
-def centre_crop(picture, resolution):
-    """The resolution² centre crop that training takes of a picture without random placement."""
-    return draw_placement(picture.height, picture.width, (resolution, resolution)).apply(picture)
-
-
-def to_training_pixels(image):
-    """A target image as the VAE takes it: a tensor in [-1, 1]."""
-    return transforms.functional.normalize(transforms.functional.to_tensor(image), [0.5], [0.5])
-
-
-def cached_placements(height, width, target_size, cache_crops, crop_positions, grid=LATENT_GRID):
-    """What the latent cache encodes of a (height, width) image, unflipped. Without random crops
-    (`cache_crops` None): the centre crop at its target size, as training takes it. "exact": the
-    `crop_positions` crops that training with the cache chooses from. "latent_grid": the whole image
-    resized to cover the target, cut at its top left to the latent grid, so that every crop on the
-    grid is a slice of its latents."""
-    placement = draw_placement(height, width, target_size)
-    if cache_crops is None:
-        return [placement]
-    if cache_crops == "latent_grid":
-        return [placement._replace(top=0, left=0, target_height=placement.height // grid * grid,
-                                   target_width=placement.width // grid * grid)]
-    corners = dict.fromkeys(spaced_corner(placement, index, crop_positions) for index in range(crop_positions))
-    return [placement._replace(top=top, left=left) for top, left in corners]
-
-
-def cached_entry_prefix(placement, cache_crops):
-    """The names of a placement's latents in its image's cache entry: `<prefix>mean`, `<prefix>std`."""
-    crop = f"crop{placement.top}x{placement.left}_" if cache_crops == "exact" else ""
-    return ("flipped_" if placement.flip else "") + crop
-
-
-def cached_region_placements(height, width, target_size, cache_crops, crop_positions, random_flip):
-    """The placements of everything the latent cache encodes of a (height, width) image, flips included."""
-    flips = (False, True) if random_flip else (False,)
-    return [placement._replace(flip=flip) for flip in flips
-            for placement in cached_placements(height, width, target_size, cache_crops, crop_positions)]
-
-
-def cached_region_sizes(height, width, target_size, cache_crops, crop_positions, random_flip):
-    """The (height, width) of each region the latent cache encodes of such an image: its disk estimate."""
-    return [(placement.target_height, placement.target_width) for placement in
-            cached_region_placements(height, width, target_size, cache_crops, crop_positions, random_flip)]
-
-
-def cached_regions(image, target_size, cache_crops, crop_positions, random_flip):
-    """{entry prefix: VAE input} of everything the latent cache encodes of an image, flips included."""
-    placements = cached_region_placements(image.height, image.width, target_size, cache_crops, crop_positions,
-                                          random_flip)
-    return {cached_entry_prefix(placement, cache_crops): to_training_pixels(placement.apply(image))
-            for placement in placements}
-
-
-def cached_crop(cached, placement, cache_crops, grid=LATENT_GRID):
-    """(mean, std) of a sample's latents from its image's cache entry; with "latent_grid" crops, sliced at
-    the placement's crop (a flipped region where the crop lands after the flip)."""
-    prefix = cached_entry_prefix(placement, cache_crops)
-    mean, std = cached[prefix + "mean"], cached[prefix + "std"]
-    if cache_crops != "latent_grid":
-        return mean, std
-    region_width = mean.shape[-1] * grid
-    left = region_width - placement.left - placement.target_width if placement.flip else placement.left
-    rows = slice(placement.top // grid, (placement.top + placement.target_height) // grid)
-    columns = slice(left // grid, (left + placement.target_width) // grid)
-    return mean[:, rows, columns], std[:, rows, columns]
-
-
 def condition_at_image_size(condition, image_size, detection_resolution=None):
     """The condition brought to its image's (width, height), so that one placement fits both:
     conditions are often stored at another size (depth maps at half size). With a detection
@@ -798,7 +668,7 @@ def condition_at_image_size(condition, image_size, detection_resolution=None):
     detector had made it there."""
     if detection_resolution is not None:
         width, height = image_size
-        working_height, working_width = cover_size(height, width, detection_resolution, detection_resolution)
+        working_height, working_width = geometry.cover_size(height, width, detection_resolution, detection_resolution)
         condition = condition.resize((working_width, working_height), Image.BILINEAR)
     return condition if condition.size == tuple(image_size) else condition.resize(image_size, Image.BILINEAR)
 
@@ -844,17 +714,17 @@ class PairTransform:
                 width, height = images.upright_size(opened)
         grid, positions = 1, None
         if cached_latents is not None:
-            grid, positions = LATENT_GRID, self.crop_positions if self.cache_crops == "exact" else None
-        placement = draw_placement(height, width, target_size, rng, self.random_crop, self.random_flip, grid, positions)
+            grid, positions = geometry.LATENT_GRID, self.crop_positions if self.cache_crops == "exact" else None
+        placement = geometry.draw_placement(height, width, target_size, rng, self.random_crop, self.random_flip, grid, positions)
         pair = {
             "original_sizes": torch.tensor((height, width)),
             "crop_top_lefts": torch.tensor(placement.crop_top_left()),
         }
         if cached_latents is None:
             image = placement.apply(image)
-            pair["pixel_values"] = to_training_pixels(image)
+            pair["pixel_values"] = geometry.to_training_pixels(image)
         else:
-            pair["latent_mean"], pair["latent_std"] = cached_crop(cached_latents, placement, self.cache_crops)
+            pair["latent_mean"], pair["latent_std"] = geometry.cached_crop(cached_latents, placement, self.cache_crops)
             if self.conditioning_type == "canny":
                 image = placement.apply(image)
         if self.conditioning_type == "canny":
@@ -1461,8 +1331,8 @@ def latent_files_for(train_data, components, args, data_config, accelerator, mul
               "exact": f"{args.latent_cache_crop_positions} exact crops"}[cache_crops]
     layout += ", flipped too" if args.random_flip else ""
     latent_files = loader.cache_latents(train_data, layout, components.vae, data_config, accelerator,
-                                        partial(cached_regions, **rules),  # picklable, for workers
-                                        partial(cached_region_sizes, **rules), multiple)
+                                        partial(geometry.cached_regions, **rules),  # picklable, for workers
+                                        partial(geometry.cached_region_sizes, **rules), multiple)
     if accelerator.device.type != "cpu":
         components.vae.to("cpu")  # only validation decodes now: free its GPU memory in between
     return latent_files

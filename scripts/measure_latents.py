@@ -27,7 +27,7 @@ import random
 import torch
 from PIL import Image
 
-import train_t2i_adapter_sdxl as train  # its transform is what is measured
+from t2i_train import geometry  # the trainer's crops and the cache's regions are what is measured
 
 
 def parse_args(argv=None):
@@ -55,7 +55,7 @@ def load_vae(options):
 
 @torch.no_grad()
 def latent_mean(vae, picture):
-    pixels = train.to_training_pixels(picture)[None].to(vae.dtype)
+    pixels = geometry.to_training_pixels(picture)[None].to(vae.dtype)
     return vae.encode(pixels).latent_dist.mean[0].float()
 
 
@@ -75,17 +75,17 @@ def measure(vae, pictures, target_size, crops_per_image, border, seed):
             "flip of the latents, against the flip's latents": [], "VAE in bf16, against float32": []}
     vae_in_bf16 = copy.deepcopy(vae).to(torch.bfloat16)
     for picture in pictures:
-        region, = train.cached_placements(picture.height, picture.width, target_size, "latent_grid", None)
+        region, = geometry.cached_placements(picture.height, picture.width, target_size, "latent_grid", None)
         region_mean = latent_mean(vae, region.apply(picture))
         cached = {"mean": region_mean, "std": region_mean}  # only the means are compared
         for _ in range(crops_per_image):
-            placement = train.draw_placement(picture.height, picture.width, target_size, rng, random_crop=True,
-                                             grid=train.LATENT_GRID)
-            cut, _ = train.cached_crop(cached, placement, "latent_grid")
+            placement = geometry.draw_placement(picture.height, picture.width, target_size, rng, random_crop=True,
+                                             grid=geometry.LATENT_GRID)
+            cut, _ = geometry.cached_crop(cached, placement, "latent_grid")
             encoded = latent_mean(vae, placement.apply(picture))
             rows["crop cut from the cached latents"].append(differences(cut, encoded))
             rows[f"  its interior (border {border})"].append(differences(cut, encoded, border))
-        centre = train.draw_placement(picture.height, picture.width, target_size).apply(picture)
+        centre = geometry.draw_placement(picture.height, picture.width, target_size).apply(picture)
         rows["flip of the latents, against the flip's latents"].append(differences(
             latent_mean(vae, centre).flip(-1), latent_mean(vae, centre.transpose(Image.FLIP_LEFT_RIGHT))))
         rows["VAE in bf16, against float32"].append(differences(latent_mean(vae_in_bf16, centre), latent_mean(vae, centre)))

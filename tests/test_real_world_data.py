@@ -15,7 +15,7 @@ from torchvision import transforms
 
 import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv
-from t2i_train import data, images, lifecycle, loader
+from t2i_train import data, geometry, images, lifecycle, loader
 
 
 @pytest.mark.parametrize("height,width", [(64, 96), (96, 64), (64, 64), (77, 131), (1024, 683)])
@@ -23,7 +23,7 @@ def test_center_crop_corner_matches_torchvision(height, width):
     """The crop corner given to the UNet is where torchvision's Resize + CenterCrop really crop."""
     image = Image.fromarray(np.arange(height * width, dtype=np.uint32).reshape(height, width).astype(np.float32))
     resized_width, resized_height = transforms.Resize(RESOLUTION)(image).size
-    top, left = train.draw_placement(height, width, (RESOLUTION, RESOLUTION)).crop_top_left()
+    top, left = geometry.draw_placement(height, width, (RESOLUTION, RESOLUTION)).crop_top_left()
     assert (top, left) == (round((resized_height - RESOLUTION) / 2), round((resized_width - RESOLUTION) / 2))
     assert top == 0 or left == 0
 
@@ -142,7 +142,7 @@ def test_crop_and_flip_are_identical_on_image_and_condition(target):
         assert torch.allclose(out["conditioning_pixel_values"] * 2 - 1, out["pixel_values"], atol=1e-6)
         assert out["original_sizes"].tolist() == [77, 131]
         top, left = out["crop_top_lefts"].tolist()
-        resized_h, resized_w = train.cover_size(77, 131, *target)
+        resized_h, resized_w = geometry.cover_size(77, 131, *target)
         resized = picture.resize((resized_w, resized_h), Image.BILINEAR)
         expected = resized.transpose(Image.FLIP_LEFT_RIGHT).crop((left, top, left + target[1], top + target[0]))
         if not torch.allclose(transforms.functional.to_tensor(expected), out["conditioning_pixel_values"]):

@@ -16,14 +16,14 @@ from torchvision.transforms.functional import to_tensor
 
 import train_t2i_adapter_sdxl as train
 from helpers import RESOLUTION, load_adapter_weights, max_weight_difference, run_training, training_argv
-from t2i_train import data, lifecycle, loader
+from t2i_train import data, geometry, lifecycle, loader
 
 SQUARE = [(RESOLUTION, RESOLUTION)]
 
 
 def centre_crop_pixels(image, target_size):
     """What the trainer's cache encodes of an image without random crops or flips."""
-    return {"": train.to_training_pixels(train.centre_crop(image, target_size[0]))}
+    return {"": geometry.to_training_pixels(geometry.centre_crop(image, target_size[0]))}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
     cached = [loader.load_cached_latents(loader.latent_cache_path(str(tmp_path), key)) for key in keys]
     assert cached[0]["mean"].dtype == torch.float16
 
-    pixels = torch.stack([train.to_training_pixels(train.centre_crop(image.convert("RGB"), RESOLUTION))
+    pixels = torch.stack([geometry.to_training_pixels(geometry.centre_crop(image.convert("RGB"), RESOLUTION))
                           for image in dataset["image"]])
     scaling = m["vae"].config.scaling_factor
     mean, std = train.encode_latent_distribution(m["vae"], pixels)
@@ -59,7 +59,7 @@ def test_loss_on_cached_latents_equals_loss_on_fresh_latents(tiny_models, fill_d
                                       posterior_noise, scaling)
     assert torch.allclose(fresh, from_cache, atol=2e-3)
 
-    conditions = torch.stack([to_tensor(train.centre_crop(i.convert("RGB"), RESOLUTION))
+    conditions = torch.stack([to_tensor(geometry.centre_crop(i.convert("RGB"), RESOLUTION))
                               for i in dataset["conditioning_image"]])
     prompt_embeds, pooled = train.encode_prompt(list(dataset["text"]), m["text_encoders"], m["tokenizers"])
     time_ids = train.compute_time_ids((RESOLUTION, RESOLUTION), (0, 0), (RESOLUTION, RESOLUTION), 4)
@@ -137,13 +137,13 @@ def test_the_cache_fill_is_split_among_dataloader_workers_and_writes_what_it_sai
         folder = tmp_path / f"workers-{workers}"
         args = argparse.Namespace(**{**vars(m["args"]), "dataloader_num_workers": workers})
         assert loader.fill_latent_cache(dataset, keys, SQUARE * 10, m["vae"], args, one_process, str(folder),
-                                        partial(train.cached_regions, **rules)) == 10
+                                        partial(geometry.cached_regions, **rules)) == 10
         contents.append([loader.latent_cache_path(str(folder), key) for key in keys])
     for without, with_workers in zip(*contents):
         assert open(without, "rb").read() == open(with_workers, "rb").read()
         assert set(loader.load_cached_latents(without)) == {"mean", "std", "flipped_mean", "flipped_std"}
 
-    sizes_of = partial(train.cached_region_sizes, **rules)
+    sizes_of = partial(geometry.cached_region_sizes, **rules)
     estimate = sum(loader.latent_entry_bytes(sizes_of(RESOLUTION, RESOLUTION, SQUARE[0]), 4, 8) for _ in keys)
     written = sum(os.path.getsize(path) for path in contents[0])
     assert estimate == pytest.approx(written, rel=0.01)
@@ -174,24 +174,24 @@ def test_the_latent_cache_gives_each_crop_and_flip_the_latents_of_that_crop(cach
     random_crop = cache_crops is not None
 
     def local(pixels):
-        return torch.nn.functional.avg_pool2d(pixels, train.LATENT_GRID)
+        return torch.nn.functional.avg_pool2d(pixels, geometry.LATENT_GRID)
 
     def normed(pixels):
         return local(pixels - pixels.mean())
 
-    regions = train.cached_regions(image, (64, 64), cache_crops, 4, random_flip=True)
+    regions = geometry.cached_regions(image, (64, 64), cache_crops, 4, random_flip=True)
     corners, differences = set(), []
     for encoder in (local, normed):
         entry = {f"{prefix}{name}": encoder(pixels) for prefix, pixels in regions.items() for name in ("mean", "std")}
         for seed in range(40):
-            grid, positions = train.LATENT_GRID, 4 if cache_crops == "exact" else None
-            placement = train.draw_placement(70, 200, (64, 64), random.Random(seed), random_crop, True, grid, positions)
+            grid, positions = geometry.LATENT_GRID, 4 if cache_crops == "exact" else None
+            placement = geometry.draw_placement(70, 200, (64, 64), random.Random(seed), random_crop, True, grid, positions)
             if cache_crops == "latent_grid":
                 assert placement.top % grid == placement.left % grid == 0
             corners.add((placement.left, placement.flip))
-            mean, std = train.cached_crop(entry, placement, cache_crops)
+            mean, std = geometry.cached_crop(entry, placement, cache_crops)
             assert mean.shape == (3, 8, 8)
-            difference = (mean - encoder(train.to_training_pixels(placement.apply(image)))).abs().max().item()
+            difference = (mean - encoder(geometry.to_training_pixels(placement.apply(image)))).abs().max().item()
             if encoder is local:
                 assert difference < 1e-6
             differences.append(difference)
@@ -392,7 +392,7 @@ def test_cached_latents_reach_the_device_of_the_step():
             return torch.zeros(len(captions), 77, 8, device="meta"), torch.zeros(len(captions), 4, device="meta")
 
         def training_loss(self, unet, adapter, latents, conditions, *rest):
-            noise, timesteps = rest[-2:]
+            noise, timesteps, _ = rest[-3:]  # then --snr_gamma
             seen.update(latents=latents.device, conditions=conditions.device, noise=noise.device,
                         timesteps=timesteps.device)
             return torch.zeros(())
@@ -402,7 +402,6 @@ def test_cached_latents_reach_the_device_of_the_step():
     components = types.SimpleNamespace(vae=types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=0.13025)),
                                        unet=None,
                                        noise_scheduler=types.SimpleNamespace(config=types.SimpleNamespace(prediction_type="epsilon")))
-    args = types.SimpleNamespace(proportion_empty_prompts=0.0, micro_conditioning=False, aspect_ratio_buckets=False,
-                                 resolution=64, crops_coords_top_left_h=0, crops_coords_top_left_w=0)
+    args = train.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", "unused", "--resolution", "64"])
     train.batch_loss(batch, components, None, torch.ones(1000), args, torch.float32, torch.device("meta"), Hooks())
     assert set(seen.values()) == {torch.device("meta")} and len(seen) == 4
