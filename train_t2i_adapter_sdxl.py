@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 try:  # the machinery behind the training story, in the package beside this script
-    from t2i_train import configs, control, data, geometry, images, lifecycle, loader, memory, stopping
+    from t2i_train import configs, control, data, ema, geometry, images, lifecycle, loader, memory, stopping
     from t2i_train.stopping import Refusal
 except ModuleNotFoundError as error:
     if error.name != "t2i_train":
@@ -289,6 +289,17 @@ def build_parser():
         help="Min-SNR-γ loss weighting (Hang et al. 2023; 5 is the paper's choice): each sample's x₀ error is"
         " weighted by min(SNR, γ) instead of SNR = σ⁻², for every prediction type. Default: off, upstream's loss.",
     )
+    group.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the adapter's weights: it is what the run exports and scores"
+        " (the raw weights are validated too, as a second curve, and kept in the checkpoints).",
+    )
+    group.add_argument("--ema_decay", type=float, default=0.9999,
+                       help="The EMA's decay, reached after a warm-up of (1 + n) / (10 + n) at its n-th update.")
+    group.add_argument("--ema_update_every", type=int, default=1, help="Update the EMA every this many steps.")
+    group.add_argument("--ema_on_cpu", action="store_true",
+                       help="Keep the EMA in CPU memory (for small GPUs): each update copies the weights there.")
     group = parser.add_argument_group("Speed (additions to upstream)")
     group.add_argument(
         "--cache_latents",
@@ -506,6 +517,8 @@ def check_args(args):
         raise Refusal(f"`--logit_std` must be above 0, got {args.logit_std}.")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise Refusal(f"`--snr_gamma` must be above 0, got {args.snr_gamma}.")
+    if not 0 < args.ema_decay < 1:
+        raise Refusal(f"`--ema_decay` must be between 0 and 1, got {args.ema_decay}.")
     if args.detection_resolution is not None and args.detection_resolution <= 0:
         raise Refusal(f"`--detection_resolution` must be positive, got {args.detection_resolution}.")
     for flag in (
@@ -515,6 +528,7 @@ def check_args(args):
         "validation_steps",
         "num_validation_images",
         "num_train_epochs",
+        "ema_update_every",
     ):
         if getattr(args, flag) < 1:
             raise Refusal(f"`--{flag}` must be at least 1, got {getattr(args, flag)}.")
@@ -1003,13 +1017,14 @@ def sample_latents(mean, std, posterior_noise, scaling_factor):
 # ------------------------------------------------------------------------------------------
 
 
-def log_validation_images(image_logs, trackers, step):
-    """Send each (condition, samples) set to every tracker."""
+def log_validation_images(image_logs, trackers, step, prefix="validation"):
+    """Send each (condition, samples) set to every tracker (the raw weights' of an EMA run under `prefix`)."""
     for tracker in trackers:
         if tracker.name == "tensorboard":
             for log in image_logs:
                 stack = np.stack([np.asarray(image) for image in [log["validation_image"], *log["images"]]])
-                tracker.writer.add_images(log["validation_prompt"], stack, step, dataformats="NHWC")
+                tag = log["validation_prompt"] if prefix == "validation" else f"{prefix}/{log['validation_prompt']}"
+                tracker.writer.add_images(tag, stack, step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb  # here: an optional tracker, slow to import, needed only with --report_to wandb
 
@@ -1017,7 +1032,7 @@ def log_validation_images(image_logs, trackers, step):
             for log in image_logs:
                 formatted.append(wandb.Image(log["validation_image"], caption="adapter conditioning"))
                 formatted += [wandb.Image(image, caption=log["validation_prompt"]) for image in log["images"]]
-            tracker.log({"validation": formatted}, step=step)
+            tracker.log({prefix: formatted}, step=step)
         else:
             logger.warning(f"Image logging is not implemented for {tracker.name}.")
 
@@ -1071,6 +1086,17 @@ def control_pairs_for(train_data, components, args, data_config, accelerator):
     return prepare_control_pairs(batch, components, args, accelerator.device)
 
 
+WHOSE = {"validation": "", "validation_raw": " of the raw weights"}  # the EMA's is the run's own
+
+
+def validated_adapters(adapter, averaged, device):
+    """(prefix, adapter) pairs to validate: the adapter, or with --use_ema its EMA (what the run exports)
+    and then the raw weights, as a second curve."""
+    if averaged is None:
+        return [("validation", adapter)]
+    return [("validation", ema.on_device(averaged, device)), ("validation_raw", adapter)]
+
+
 def pair_loss(unet, adapter, sigmas_by_timestep, prediction_type, weight_dtype):
     """The training loss of given pairs, noise and timesteps with these models: what the conditioning
     gain (control.conditioning_gain) compares."""
@@ -1078,9 +1104,9 @@ def pair_loss(unet, adapter, sigmas_by_timestep, prediction_type, weight_dtype):
                    prediction_type=prediction_type, weight_dtype=weight_dtype)
 
 
-def measure_control(components, adapter, pairs, args, accelerator, weight_dtype, step):
-    """The conditioning gain on the validation `pairs` (ControlPairs) at `step`, logged to every tracker;
-    None without pairs."""
+def measure_control(components, adapter, pairs, args, accelerator, weight_dtype, step, prefix="validation"):
+    """The conditioning gain on the validation `pairs` (ControlPairs) at `step`, logged to every tracker
+    under `prefix`; None without pairs."""
     if pairs is None:
         return None
     scheduler = components.noise_scheduler
@@ -1088,13 +1114,13 @@ def measure_control(components, adapter, pairs, args, accelerator, weight_dtype,
                      scheduler.config.prediction_type, weight_dtype)
     score = control.conditioning_gain(loss, pairs, scheduler.config.num_train_timesteps, args.train_batch_size)
     logs = {
-        "validation/conditioning_gain": score["overall"],
-        "validation/loss_true_condition": score["loss_true"],
-        "validation/loss_shuffled_condition": score["loss_shuffled"],
+        f"{prefix}/conditioning_gain": score["overall"],
+        f"{prefix}/loss_true_condition": score["loss_true"],
+        f"{prefix}/loss_shuffled_condition": score["loss_shuffled"],
     }
-    logs.update({f"validation/conditioning_gain_t{name.replace('-', '_')}": gain for name, gain in score["ranges"].items()})
+    logs.update({f"{prefix}/conditioning_gain_t{name.replace('-', '_')}": gain for name, gain in score["ranges"].items()})
     accelerator.log(logs, step=step)
-    logger.info(f"Conditioning gain at step {step}: {score['overall']:.4f} (loss {score['loss_true']:.5f} with the"
+    logger.info(f"Conditioning gain{WHOSE[prefix]} at step {step}: {score['overall']:.4f} (loss {score['loss_true']:.5f} with the"
                 f" true condition, {score['loss_shuffled']:.5f} with another pair's).")
     return score
 
@@ -1114,7 +1140,7 @@ def cast_to(model, dtype):
     return model if model.dtype == dtype else model.to(dtype)
 
 
-def run_validation(components, adapter, args, accelerator, weight_dtype, step, preemption):
+def run_validation(components, adapter, args, accelerator, weight_dtype, step, preemption, prefix="validation"):
     """Generate `num_validation_images` per (prompt, image) pair with the adapter as it is now,
     log them to every tracker and return them (for the model card); None when a stop signal ends
     it, which it does at the next image.
@@ -1123,7 +1149,7 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step, p
     model from disk each time), autocast follows the actual device (upstream assumes CUDA), and
     the global RNGs are left untouched so that validation never changes training.
     """
-    logger.info(f"Running validation at step {step}.")
+    logger.info(f"Running validation{WHOSE[prefix]} at step {step}.")
     device = accelerator.device
     dtype = validation_dtype(device, weight_dtype)
     frozen = [components.unet, *components.text_encoders]
@@ -1168,14 +1194,14 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step, p
     if preemption.received is not None:
         logger.warning(f"Validation at step {step} stopped by the signal; its images are not logged.")
         return None
-    log_validation_images(image_logs, accelerator.trackers, step)
+    log_validation_images(image_logs, accelerator.trackers, step, prefix)
     metric = control_metric(args)
     if metric != "none":
         for log in image_logs:
             log["control_scores"] = [control.control_score(metric, log["validation_image"], image) for image in log["images"]]
         mean_score = float(np.mean([score for log in image_logs for score in log["control_scores"]]))
-        accelerator.log({f"validation/{control.CONTROL_METRIC_KEYS[metric]}": mean_score}, step=step)
-        logger.info(f"Validation images at step {step}: {control.CONTROL_METRIC_KEYS[metric]} {mean_score:.4f}.")
+        accelerator.log({f"{prefix}/{control.CONTROL_METRIC_KEYS[metric]}": mean_score}, step=step)
+        logger.info(f"Validation images{WHOSE[prefix]} at step {step}: {control.CONTROL_METRIC_KEYS[metric]} {mean_score:.4f}.")
     return image_logs
 
 
@@ -1290,12 +1316,13 @@ def make_accelerator(args):
     return accelerator
 
 
-def set_up_models(components, args, accelerator):
-    """Checkpoints that keep the adapter in diffusers format, attention kernels, memory options and
-    compilation, then each frozen model on the device in the mixed-precision dtype, which is returned
-    (the VAE in `vae_dtype_for`'s)."""
-    accelerator.register_save_state_pre_hook(partial(lifecycle.save_adapter_hook, accelerator=accelerator))
-    accelerator.register_load_state_pre_hook(lifecycle.load_adapter_hook)
+def set_up_models(components, args, accelerator, averaged=None):
+    """Checkpoints that keep the adapter (and its EMA, `averaged`) in diffusers format, attention kernels,
+    memory options and compilation, then each frozen model on the device in the mixed-precision dtype,
+    which is returned (the VAE in `vae_dtype_for`'s)."""
+    accelerator.register_save_state_pre_hook(partial(lifecycle.save_adapter_hook, accelerator=accelerator,
+                                                     averaged=averaged))
+    accelerator.register_load_state_pre_hook(partial(lifecycle.load_adapter_hook, averaged=averaged))
     unet, adapter = components.unet, components.adapter
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -1545,6 +1572,12 @@ def model_card_training_details(args, steps, accelerator, validation=None):
         + (f", n ~ N({args.logit_mean}, {args.logit_std})" if args.timestep_sampling == "logit_normal" else ""),
         "loss weighting": f"min-SNR-γ, γ = {args.snr_gamma}" if args.snr_gamma else "SNR = σ⁻² on the x₀ error (upstream's)",
     }
+    if args.use_ema:
+        details["weights"] = (
+            f"the exponential moving average of the adapter's weights (decay {args.ema_decay}, reached"
+            f" {ema.final_decay(steps, args):.4g} at step {steps} after its warm-up; updated every"
+            f" {args.ema_update_every} step(s)): this adapter and its scores below are the EMA's"
+        )
     if validation and validation["control"]:
         score = validation["control"]
         ranges = ", ".join(f"t in [{name.replace('-', ', ')}): {gain:.3f}" for name, gain in score["ranges"].items())
@@ -1564,15 +1597,19 @@ def model_card_training_details(args, steps, accelerator, validation=None):
     return details
 
 
-def validate(components, adapter, control_pairs, args, accelerator, weight_dtype, step, preemption):
+def validate(components, adapter, averaged, control_pairs, args, accelerator, weight_dtype, step, preemption):
     """{"step", "control", "logs"} of a validation at `step`: the conditioning gain on the validation
     pairs and the images of the validation prompts, each None when not asked for (or, for the images,
-    when a stop signal cut them short); None for neither."""
-    control = measure_control(components, adapter, control_pairs, args, accelerator, weight_dtype, step)
-    logs = None
-    if args.validation_prompt is not None:
-        logs = run_validation(components, adapter, args, accelerator, weight_dtype, step, preemption)
-    return None if control is None and logs is None else {"step": step, "control": control, "logs": logs}
+    when a stop signal cut them short); None for neither. With an EMA (`averaged`), the EMA's, and the
+    raw weights' are logged beside them."""
+    results = []
+    for prefix, model in validated_adapters(adapter, averaged, accelerator.device):
+        control = measure_control(components, model, control_pairs, args, accelerator, weight_dtype, step, prefix)
+        logs = None
+        if args.validation_prompt is not None:
+            logs = run_validation(components, model, args, accelerator, weight_dtype, step, preemption, prefix)
+        results.append(None if control is None and logs is None else {"step": step, "control": control, "logs": logs})
+    return results[0]
 
 
 def report_step(step, step_loss, lr_scheduler, progress_bar, accelerator, hooks):
@@ -1592,20 +1629,20 @@ def create_hub_repo(args, accelerator):
     return create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token, private=True).repo_id
 
 
-def finish_training(accelerator, adapter, components, control_pairs, args, weight_dtype, global_step, validation,
-                    repo_id, preemption, steps_per_epoch):
-    """The adapter in diffusers format, the final validation (unless this step was just validated),
-    the model card and the Hub upload. The adapter is saved first, and the stop-signal handler is
-    still on: a signal in this phase ends the validation at its next image and skips the upload,
-    never the save."""
+def finish_training(accelerator, adapter, averaged, components, control_pairs, args, weight_dtype, global_step,
+                    validation, repo_id, preemption, steps_per_epoch):
+    """The adapter in diffusers format (with --use_ema, its EMA `averaged`), the final validation (unless
+    this step was just validated), the model card and the Hub upload. The adapter is saved first, and the
+    stop-signal handler is still on: a signal in this phase ends the validation at its next image and skips
+    the upload, never the save."""
     if not accelerator.is_main_process:
         return
-    lifecycle.save_adapter(accelerator.unwrap_model(adapter), args.output_dir)
+    lifecycle.save_adapter(averaged if averaged is not None else accelerator.unwrap_model(adapter), args.output_dir)
     lifecycle.mark_finished(args.output_dir, global_step, steps_per_epoch)
     logger.info(f"Saved the adapter to {args.output_dir}")
     if preemption.received is None and (validation is None or validation["step"] != global_step):
-        validation = validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step,
-                              preemption)
+        validation = validate(components, adapter, averaged, control_pairs, args, accelerator, weight_dtype,
+                              global_step, preemption)
     logs = validation["logs"] if validation else None
     details = model_card_training_details(args, global_step, accelerator, validation)
     save_model_card(repo_id, logs, args.pretrained_model_name_or_path, args.output_dir, details)
@@ -1637,7 +1674,9 @@ def training_run(args, adapter_config, accelerator, hooks):
 
     memory.check_memory_fits(args, accelerator, trainer=sys.modules[__name__])  # the planner runs this file's step
     components = load_models(args, adapter_config, resume_path)
-    weight_dtype = set_up_models(components, args, accelerator)
+    averaged = (ema.averaged_copy(components.adapter, "cpu" if args.ema_on_cpu else accelerator.device)
+                if args.use_ema else None)  # the EMA, a copy of the adapter before it is wrapped
+    weight_dtype = set_up_models(components, args, accelerator, averaged)
     sigmas_by_timestep = components.sigmas_by_timestep.to(accelerator.device)
     control_pairs = control_pairs_for(train_data, components, args, data_config, accelerator)
     multiple = configs.adapter_total_downscale(adapter_config)
@@ -1665,7 +1704,8 @@ def training_run(args, adapter_config, accelerator, hooks):
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     if global_step == 0 and accelerator.is_main_process:  # the curve starts from the untrained adapter
-        measure_control(components, adapter, control_pairs, args, accelerator, weight_dtype, 0)
+        for prefix, model in validated_adapters(adapter, averaged, accelerator.device):
+            measure_control(components, model, control_pairs, args, accelerator, weight_dtype, 0, prefix)
 
     def save_checkpoint(position):
         data_state = {"seed": seed, "run": run, "settings": settings,
@@ -1687,14 +1727,15 @@ def training_run(args, adapter_config, accelerator, hooks):
                 )
             if step_loss is not None:  # the last micro-batch of an optimisation step
                 global_step += 1
+                ema.update_after_step(averaged, accelerator.unwrap_model(adapter), global_step, args)
                 report_step(global_step, step_loss, lr_scheduler, progress_bar, accelerator, hooks)
                 step_start = stopping.StepStart(batches, accelerator)
                 if global_step % args.checkpointing_steps == 0:
                     saved_step = save_checkpoint(step_start.position)
                 if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     validation = (
-                        validate(components, adapter, control_pairs, args, accelerator, weight_dtype, global_step,
-                                 preemption) or validation
+                        validate(components, adapter, averaged, control_pairs, args, accelerator, weight_dtype,
+                                 global_step, preemption) or validation
                     )
             if preemption.requested(accelerator):  # after every micro-batch: the step in progress is abandoned
                 step_start.restore(accelerator)
@@ -1708,8 +1749,8 @@ def training_run(args, adapter_config, accelerator, hooks):
             logger.warning(f"Skipped {losses.skipped} optimisation step(s) with a non-finite loss.")
 
         accelerator.wait_for_everyone()
-        finish_training(accelerator, adapter, components, control_pairs, args, weight_dtype, global_step, validation,
-                        repo_id, preemption, steps_per_epoch)
+        finish_training(accelerator, adapter, averaged, components, control_pairs, args, weight_dtype, global_step,
+                        validation, repo_id, preemption, steps_per_epoch)
         if preemption.received is not None:  # during the final phase, after the adapter was saved
             preemption.stop(accelerator, global_step, f"the adapter in {args.output_dir}")
     accelerator.end_training()

@@ -11,6 +11,7 @@ import random
 import re
 import shutil
 import socket
+import time
 import typing
 import uuid
 import zipfile
@@ -20,7 +21,7 @@ from accelerate.utils import broadcast_object_list, gather_object, load
 from diffusers import T2IAdapter
 from safetensors import safe_open
 
-from . import manifest
+from . import ema, manifest
 from .files import follow_umask, write_json_atomically
 from .stopping import Refusal
 
@@ -500,21 +501,32 @@ def save_adapter(adapter, folder):
     follow_umask(*glob.glob(os.path.join(folder, "*.safetensors")))
 
 
-def save_adapter_hook(models, weights, output_dir, accelerator):
-    """accelerate save hook: keep the adapter in diffusers format inside the checkpoint."""
+def save_adapter_hook(models, weights, output_dir, accelerator, averaged=None):
+    """accelerate save hook: keep the adapter in diffusers format inside the checkpoint, and its EMA
+    (`averaged`, with --use_ema) beside it."""
     for model in models:
         if accelerator.is_main_process:
             save_adapter(accelerator.unwrap_model(model), os.path.join(output_dir, ADAPTER_SUBFOLDER))
+            if averaged is not None:
+                save_adapter(averaged, os.path.join(output_dir, ema.EMA_SUBFOLDER))
         if weights:
             weights.pop()  # saved above; accelerate need not write it again
 
 
-def load_adapter_hook(models, input_dir):
-    """accelerate load hook: read the adapter back from its diffusers-format folder."""
+def load_adapter_hook(models, input_dir, averaged=None):
+    """accelerate load hook: read the adapter back from its diffusers-format folder, and the EMA from
+    its own; a checkpoint saved without --use_ema starts the EMA at the adapter's weights."""
     while models:
         model = models.pop()
         saved = T2IAdapter.from_pretrained(os.path.join(input_dir, ADAPTER_SUBFOLDER))
         model.load_state_dict(saved.state_dict())
+        if averaged is None:
+            continue
+        if os.path.isdir(os.path.join(input_dir, ema.EMA_SUBFOLDER)):
+            saved = T2IAdapter.from_pretrained(os.path.join(input_dir, ema.EMA_SUBFOLDER))
+        else:
+            logger.warning(f"{input_dir} has no EMA (it was saved without --use_ema): the EMA starts at its weights.")
+        averaged.load_state_dict(saved.state_dict())
 
 
 @contextlib.contextmanager
@@ -535,6 +547,8 @@ def exclusive_output_dir(output_dir, accelerator):
         raise Refusal(refusal)
     refused = False
     try:
+        if accelerator.num_processes > 1:
+            refuse_unshared_output_dir(output_dir, accelerator)
         yield
     except Refusal:
         refused = True
@@ -544,6 +558,32 @@ def exclusive_output_dir(output_dir, accelerator):
             unlock_output_dir(lock, output_dir)
         if refused and created and not any(files for _, _, files in os.walk(output_dir)):
             shutil.rmtree(output_dir)  # a failure keeps its folder: what it wrote is evidence
+
+
+def refuse_unshared_output_dir(output_dir, accelerator, patience_s=5.0):
+    """Every process must see the one --output_dir the main process locked: it alone writes the checkpoints,
+    the adapter and the lock, so a folder local to each node would hide them from the others (a requeue would
+    resume on some nodes and start anew on others). The main process leaves a file of a new name there (a name
+    no node has looked up, which a network filesystem cannot answer from a stale cache); each process looks
+    for it, a few seconds if need be, since such a filesystem may show a new file late."""
+    probe = os.path.join(output_dir, broadcast_object_list([f".shared-{uuid.uuid4().hex}"])[0])
+    if accelerator.is_main_process:
+        open(probe, "w").close()
+    accelerator.wait_for_everyone()
+    deadline = time.monotonic() + patience_s
+    while not (seen := os.path.exists(probe)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    blind = [who for who in gather_object([None if seen else f"process {accelerator.process_index} on"
+                                           f" {socket.gethostname()}"]) if who]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.remove(probe)
+    if blind:
+        raise Refusal(
+            f"`--output_dir` {output_dir!r} is not one folder for every process: {', '.join(blind)} cannot see"
+            f" what the main process wrote there. Put it on a filesystem every node shares (checkpoints, the"
+            f" adapter and the lock are written once, by the main process); `--cache_dir` may be node-local."
+        )
 
 
 def find_resume_point(args, accelerator):

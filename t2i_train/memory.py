@@ -284,7 +284,7 @@ def make_batch(options, latent_channels, vae_downscale):
         batch["pixel_values"] = torch.zeros(size, 3, side, side)
     return batch
 COMPONENT_NAMES = {"unet": "UNet", "text_encoder": "text encoder 1", "text_encoder_2": "text encoder 2",
-                   "vae": "VAE", "adapter": "adapter"}
+                   "vae": "VAE", "adapter": "adapter", "ema": "adapter EMA"}
 
 
 # The phases of a step as the FLOP plan names them (the step-1 state is not part of a step's arithmetic).
@@ -328,6 +328,10 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True, unet
             materialise(model, fake)
         adapter_params = list(components.adapter.parameters())
         weights = {name: storage_bytes([*m.parameters(), *m.buffers()], block) for name, m in on_device.items()}
+        dtypes = {name: next(m.parameters()).dtype for name, m in on_device.items()}
+        if options.use_ema and not options.ema_on_cpu:  # the EMA: a float32 copy of the adapter, held throughout
+            averaged = [torch.empty_like(param, dtype=torch.float32) for param in adapter_params]
+            weights["ema"], dtypes["ema"] = storage_bytes(averaged, block), torch.float32
         adapter, optimizer, lr_scheduler = trainer.build_training(components.adapter, options, accelerator, 10)
 
         def optimizer_state():
@@ -376,8 +380,7 @@ def plan_memory(options, trainer, size=None, device_type="cuda", fake=True, unet
     detail = counter.peak_detail
     return {
         "weights": {COMPONENT_NAMES[name]: value for name, value in weights.items()},
-        "weight_dtypes": {COMPONENT_NAMES[name]: DTYPE_NAMES.get(next(m.parameters()).dtype, "?")
-                          for name, m in on_device.items()},
+        "weight_dtypes": {COMPONENT_NAMES[name]: DTYPE_NAMES.get(dtype, "?") for name, dtype in dtypes.items()},
         "weights_total": weights_total,
         "gradients": gradients,
         "optimizer_state": state,

@@ -34,10 +34,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(nodes, argv_of_node, weights_dir, processes_per_node=1):
-    """Train under torchrun (gloo on CPU) as `nodes` nodes on this machine, each with `processes_per_node`
-    processes and the command line `argv_of_node(node)`; returns rank 0's adapter and the launchers' logs.
-    Every rank must hold the same adapter."""
+def run_nodes(nodes, argv_of_node, weights_dir, processes_per_node=1, script=os.path.join(ROOT, "tests", "ddp_worker.py")):
+    """Run `script` under torchrun (gloo on CPU) as `nodes` nodes on this machine, each with `processes_per_node`
+    processes and the command line `argv_of_node(node)`; returns each launcher's exit code and log."""
     os.makedirs(weights_dir, exist_ok=True)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "RANK_WEIGHTS_DIR": str(weights_dir), "OMP_NUM_THREADS": "1"}
     port = free_port()
@@ -45,14 +44,21 @@ def launch(nodes, argv_of_node, weights_dir, processes_per_node=1):
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node),
              "--nproc_per_node", str(processes_per_node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-             os.path.join(ROOT, "tests", "ddp_worker.py"), *map(str, argv_of_node(node))],
+             script, *map(str, argv_of_node(node))],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for node in range(nodes)
     ]
     logs = [launcher.communicate(timeout=600)[0] for launcher in launchers]
-    for launcher, log in zip(launchers, logs):
-        assert launcher.returncode == 0, log[-3000:]
+    return [launcher.returncode for launcher in launchers], logs
+
+
+def launch(nodes, argv_of_node, weights_dir, processes_per_node=1):
+    """Train as `run_nodes` does; returns rank 0's adapter and the launchers' logs. Every rank must hold the
+    same adapter."""
+    codes, logs = run_nodes(nodes, argv_of_node, weights_dir, processes_per_node)
+    for code, log in zip(codes, logs):
+        assert code == 0, log[-3000:]
     world = nodes * processes_per_node
     ranks = [load_adapter_weights_file(weights_dir / f"rank{rank}.safetensors") for rank in range(world)]
     assert all(max_weight_difference(ranks[0], rank) == 0 for rank in ranks[1:]), "the ranks hold different adapters"
@@ -158,6 +164,23 @@ def test_two_nodes_train_the_adapter_of_two_processes_on_one(layouts, tiny_sdxl,
     assert json.loads((work / "nodes" / lifecycle.FINISHED_FILE).read_text())["step"] == 10
     assert not list((work / "nodes").glob("*.tmp")) and not (work / "nodes" / lifecycle.LOCK_FILE).exists()
     assert sorted(os.listdir(work / "nodes" / "checkpoint-5")).count(lifecycle.DATA_STATE_FILE) == 1
+
+
+def test_an_output_folder_local_to_each_node_is_refused_before_anything_loads(tiny_sdxl, fill_data, initial_adapter,
+                                                                              tmp_path):
+    """Two nodes whose `--output_dir` is not one folder (here: another folder per node, as a node-local disk
+    mounted at the same path would be): the main process alone would write the checkpoints, so node 1 could
+    never resume them. Both stop at once with one message naming the process that cannot see the folder, and
+    neither folder is left behind."""
+    codes, logs = run_nodes(2, lambda node: argv(tiny_sdxl, fill_data, initial_adapter, tmp_path / f"out-{node}",
+                                                 "--cache_dir", tmp_path / f"cache-{node}"), tmp_path / "weights",
+                            script=os.path.join(ROOT, "train_t2i_adapter_sdxl.py"))
+    output = "".join(logs)
+    assert codes[0] != 0 and codes[1] != 0
+    assert output.count("is not one folder for every process: process 1 on") == 1, output[-3000:]
+    assert "Traceback" not in output.split("is not one folder")[0]
+    assert "Loading" not in output and "Steps" not in output  # stopped before the models or any step
+    assert not (tmp_path / "out-0").exists() and not (tmp_path / "out-1").exists()
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process(layouts, tiny_sdxl, fill_data, initial_adapter):

@@ -275,6 +275,7 @@ def assert_resume_is_exact(model, data, tmp_path, flags):
     ["--cache_latents", "--conditioning_type", "canny", "--random_crop", "--random_flip"],
     ["--cache_latents", "--random_crop", "--random_flip", "--latent_cache_crops", "latent_grid"],
     ["--timestep_sampling", "logit_normal", "--min_timestep", 200, "--snr_gamma", 5],
+    ["--use_ema", "--ema_decay", 0.9, "--ema_update_every", 2],  # the exported adapter is the EMA
 ])
 def test_planned_batches_resume_exactly(tiny_sdxl, fill_data, tmp_path, flags):
     """Random crops, flips, buckets, canny thresholds and timesteps (with any sampling) are drawn per
