@@ -48,7 +48,20 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 try:  # the machinery behind the training story, in the package beside this script
-    from t2i_train import configs, control, data, ema, geometry, images, lifecycle, loader, memory, stopping
+    from t2i_train import (
+        configs,
+        control,
+        data,
+        ema,
+        geometry,
+        images,
+        lifecycle,
+        loader,
+        memory,
+        sample_grid,
+        stopping,
+        trackers,
+    )
     from t2i_train.stopping import Refusal
 except ModuleNotFoundError as error:
     if error.name != "t2i_train":
@@ -446,6 +459,14 @@ def build_parser():
         "--validation_steps", type=int, default=100, help="Run validation every N optimisation steps."
     )
     group.add_argument(
+        "--dump_samples",
+        type=int,
+        default=0,
+        help="Draw the first N training pairs, transformed as training takes them (image, condition, caption, target"
+        " size, crop), as one grid in --output_dir (training_samples.png, listed in training_samples.json) before"
+        " any model loads, and log it to the trackers before step 1.",
+    )
+    group.add_argument(
         "--validation_pairs",
         type=int,
         default=None,
@@ -543,6 +564,10 @@ def check_args(args):
         raise Refusal(f"`--shuffle_buffer_size` must be at least 1, got {args.shuffle_buffer_size}.")
     if args.streaming and args.max_train_steps is None:
         raise Refusal("`--streaming` needs `--max_train_steps`: a stream's length is not known in advance.")
+    if args.dump_samples < 0:
+        raise Refusal(f"`--dump_samples` must be 0 (none) or more, got {args.dump_samples}.")
+    if args.streaming and args.dump_samples:
+        raise Refusal("`--dump_samples` draws pairs of a dataset loaded whole; a stream is read by its workers only.")
     if args.streaming and args.max_train_samples is not None:
         raise Refusal("`--max_train_samples` cannot be used with `--streaming`; bound the run with `--max_train_steps`.")
     if args.latent_cache_crop_positions < 1:
@@ -1017,26 +1042,6 @@ def sample_latents(mean, std, posterior_noise, scaling_factor):
 # ------------------------------------------------------------------------------------------
 
 
-def log_validation_images(image_logs, trackers, step, prefix="validation"):
-    """Send each (condition, samples) set to every tracker (the raw weights' of an EMA run under `prefix`)."""
-    for tracker in trackers:
-        if tracker.name == "tensorboard":
-            for log in image_logs:
-                stack = np.stack([np.asarray(image) for image in [log["validation_image"], *log["images"]]])
-                tag = log["validation_prompt"] if prefix == "validation" else f"{prefix}/{log['validation_prompt']}"
-                tracker.writer.add_images(tag, stack, step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb  # here: an optional tracker, slow to import, needed only with --report_to wandb
-
-            formatted = []
-            for log in image_logs:
-                formatted.append(wandb.Image(log["validation_image"], caption="adapter conditioning"))
-                formatted += [wandb.Image(image, caption=log["validation_prompt"]) for image in log["images"]]
-            tracker.log({prefix: formatted}, step=step)
-        else:
-            logger.warning(f"Image logging is not implemented for {tracker.name}.")
-
-
 # The conditioning gain: how much the adapter's true condition lowers the training loss against
 # another pair's condition, on pairs never trained on, with noise and timesteps that are the same at
 # every validation (so that the curve moves only with the adapter). Forward passes only.
@@ -1194,7 +1199,7 @@ def run_validation(components, adapter, args, accelerator, weight_dtype, step, p
     if preemption.received is not None:
         logger.warning(f"Validation at step {step} stopped by the signal; its images are not logged.")
         return None
-    log_validation_images(image_logs, accelerator.trackers, step, prefix)
+    trackers.log_validation_images(image_logs, accelerator.trackers, step, prefix)
     metric = control_metric(args)
     if metric != "none":
         for log in image_logs:
@@ -1671,6 +1676,12 @@ def training_run(args, adapter_config, accelerator, hooks):
         data.prepare_datasets(data_config)
     train_data = data.load_training_data(data_config, seed, partial(hooks.check_samples, accelerator=accelerator))
     repo_id = create_hub_repo(args, accelerator)
+    multiple = configs.adapter_total_downscale(adapter_config)
+    grid = None
+    if args.dump_samples and accelerator.is_main_process:  # before any model loads: look before paying
+        grid = sample_grid.write_sample_grid(train_data, PairTransform(data_config), data_config, seed,
+                                             lifecycle.total_batch(args, accelerator.num_processes), multiple,
+                                             args.dump_samples, args.output_dir)
 
     memory.check_memory_fits(args, accelerator, trainer=sys.modules[__name__])  # the planner runs this file's step
     components = load_models(args, adapter_config, resume_path)
@@ -1679,7 +1690,6 @@ def training_run(args, adapter_config, accelerator, hooks):
     weight_dtype = set_up_models(components, args, accelerator, averaged)
     sigmas_by_timestep = components.sigmas_by_timestep.to(accelerator.device)
     control_pairs = control_pairs_for(train_data, components, args, data_config, accelerator)
-    multiple = configs.adapter_total_downscale(adapter_config)
     batches, steps_per_epoch = loader.make_train_dataloader(
         train_data, PairTransform(data_config), data_config, seed, accelerator.process_index,
         accelerator.num_processes, lifecycle.total_batch(args, accelerator.num_processes), multiple,
@@ -1690,6 +1700,8 @@ def training_run(args, adapter_config, accelerator, hooks):
     hooks.models_ready(components, train_data, args)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        if grid is not None:
+            trackers.log_sample_grid(grid, accelerator.trackers)
     log_run_summary(args, accelerator, train_data, steps_per_epoch, max_train_steps, seed)
 
     global_step = 0

@@ -1,0 +1,89 @@
+"""--dump_samples N (#26 item 4): the first N pairs training takes, drawn and listed in the output folder
+before any model loads, and logged to the trackers."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train_t2i_adapter_sdxl as train
+from helpers import run_training, training_argv
+from t2i_train import loader, sample_grid
+from test_end_to_end import tensorboard_image_tags
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """Every (key, pair) the planned pairs give, in order: the dump's first, then the training loop's."""
+    given, get = [], loader.PlannedPairs.__getitem__
+
+    def recorded(pairs, key):
+        pair = get(pairs, key)
+        given.append((key, pair))
+        return pair
+
+    monkeypatch.setattr(loader.PlannedPairs, "__getitem__", recorded)
+    return given
+
+
+def test_the_dump_shows_the_pairs_training_takes_first(tiny_sdxl, fill_data, tmp_path, taken):
+    """6 pairs with random crops and flips and empty prompts: the dump's keys and pairs are the first 6 the
+    loop trains on (its first step of 4, then 2 of the second), the list gives their captions, sizes and
+    crops, the grid's first cell is the first image as trained, and tensorboard has the grid."""
+    class Captions(train.RunHooks):
+        captions = []
+
+        def encode_prompt(self, captions, components):
+            self.captions.extend(captions)
+            return super().encode_prompt(captions, components)
+
+    out = tmp_path / "out"
+    argv = training_argv(tiny_sdxl, fill_data, out, "--max_train_steps", 2, "--dump_samples", 6, "--random_crop",
+                         "--random_flip", "--proportion_empty_prompts", 0.5)
+    argv[argv.index("--report_to") + 1] = "tensorboard"
+    run_training(argv, Captions())
+    dumped, trained = taken[:6], taken[6:12]
+    assert [key for key, _ in dumped] == [key for key, _ in trained]
+    for (_, a), (_, b) in zip(dumped, trained):
+        assert all(np.array_equal(a[name], b[name]) for name in ("pixel_values", "conditioning_pixel_values"))
+    listed = json.loads((out / sample_grid.LIST_FILE).read_text())
+    assert [entry["caption"] for entry in listed] == Captions.captions[:6]
+    assert "" in Captions.captions[:6] or len(set(Captions.captions[:6])) > 1
+    assert [entry["row"] for entry in listed] == [key[0] for key, _ in trained]
+    assert all(entry["target_size"] == [64, 64] and entry["crop_top_left"] == pair["crop_top_lefts"].tolist()
+               for entry, (_, pair) in zip(listed, trained))
+    grid = Image.open(out / sample_grid.GRID_FILE).convert("RGB")
+    first = sample_grid.to_image(trained[0][1]["pixel_values"], -1)
+    first.thumbnail((sample_grid.CELL, sample_grid.CELL))
+    cell = grid.crop((4, 4, 4 + first.width, 4 + first.height))
+    assert np.array_equal(np.asarray(cell), np.asarray(first))
+    assert grid.height == 2 * (sample_grid.CELL + 12 * (sample_grid.TEXT_LINES + 1) + 8)  # 6 pairs: 2 rows of 4
+    assert "training_samples" in tensorboard_image_tags(out / "logs")
+
+
+def test_the_dump_is_written_before_any_model_loads(tiny_sdxl, fill_data, tmp_path, monkeypatch):
+    def no_models(*_):
+        raise RuntimeError("the models would load here")
+
+    monkeypatch.setattr(train, "load_models", no_models)
+    with pytest.raises(RuntimeError, match="would load here"):
+        run_training(training_argv(tiny_sdxl, fill_data, tmp_path, "--max_train_steps", 1, "--dump_samples", 3))
+    assert len(json.loads((tmp_path / sample_grid.LIST_FILE).read_text())) == 3
+    assert (tmp_path / sample_grid.GRID_FILE).is_file()
+
+
+def test_the_first_planned_keys_are_the_first_total_batches():
+    targets = [(64, 64)] * 10 + [(32, 96)] * 6
+    sampler = loader.PlannedBatchSampler(targets, 4, 2, seed=5)
+    plan = sampler.epoch_plan(0)
+    assert sample_grid.first_planned_keys(targets, 4, 5, 6) == [*plan[0], *plan[1][:2]]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dump_samples", "-1"], "`--dump_samples` must be 0"),
+    (["--dump_samples", "4", "--streaming", "--max_train_steps", "2"], "a stream is read by its workers only"),
+])
+def test_bad_dump_flags_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *flags])
