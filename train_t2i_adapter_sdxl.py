@@ -58,6 +58,7 @@ try:  # the machinery behind the training story, in the package beside this scri
         lifecycle,
         loader,
         memory,
+        recipes,
         sample_grid,
         stopping,
         trackers,
@@ -109,6 +110,12 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Train a T2I-Adapter on a frozen Stable Diffusion XL.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="A YAML or TOML file of flags (keys are flag names, e.g. learning_rate: 1e-5), read as if given first:"
+        " the command line overrides it. Each run writes what it resolved to --output_dir/training_config.yaml.",
     )
     group = parser.add_argument_group("Models")
     group.add_argument(
@@ -605,8 +612,10 @@ def check_args(args):
 
 
 def parse_args(input_args=None):
-    """Parse the command line (or `input_args`) and run every check that needs no file."""
-    args = build_parser().parse_args(input_args)
+    """Parse the command line (or `input_args`), after the flags of its --config file, and run every check that
+    needs no file."""
+    parser = build_parser()
+    args = parser.parse_args(recipes.argv_with_recipe(parser, sys.argv[1:] if input_args is None else input_args))
     check_args(args)
     return args
 
@@ -1677,6 +1686,8 @@ def training_run(args, adapter_config, accelerator, hooks):
     train_data = data.load_training_data(data_config, seed, partial(hooks.check_samples, accelerator=accelerator))
     repo_id = create_hub_repo(args, accelerator)
     multiple = configs.adapter_total_downscale(adapter_config)
+    if accelerator.is_main_process:
+        recipes.write_resolved_recipe(args, args.output_dir)
     grid = None
     if args.dump_samples and accelerator.is_main_process:  # before any model loads: look before paying
         grid = sample_grid.write_sample_grid(train_data, PairTransform(data_config), data_config, seed,

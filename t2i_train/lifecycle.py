@@ -46,7 +46,7 @@ CHECKPOINT_FILES_IF_THERE = ("optimizer.bin", "scheduler.bin", "random_states_{}
 # where output goes and how it is logged, validation, checkpoint cadence, the Hub, how long to train, the
 # skip policies, cache folders, and kernels and memory options that leave the maths as it is.
 FREE_ON_RESUME = frozenset({
-    "output_dir", "logging_dir", "report_to", "tracker_project_name", "resume_from_checkpoint",
+    "config", "dump_samples", "output_dir", "logging_dir", "report_to", "tracker_project_name", "resume_from_checkpoint",
     "validation_prompt", "validation_image", "num_validation_images", "validation_steps", "validation_data_dir",
     "validation_dataset_name", "control_metric", "checkpointing_steps", "checkpoints_total_limit",
     "push_to_hub", "hub_token", "hub_model_id", "max_train_steps", "num_train_epochs", "skip_nonfinite_steps",
