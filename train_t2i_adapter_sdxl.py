@@ -1459,10 +1459,10 @@ class RunHooks:
     times each step and emulates upstream through them (tests/test_benchmark.py runs both). The
     defaults are this trainer's own behaviour."""
 
-    def check_samples(self, dataset, args, accelerator):
-        """(bad rows with their problems, each good row's image size), before training; every process
-        calls it at once."""
-        return data.recorded_scan_samples(dataset, args, accelerator)
+    def check_samples(self, dataset, args, accelerator, tokenizer=None):
+        """(bad rows with their problems, each good row's image size), before training, with a warning
+        for the captions `tokenizer` cuts; every process calls it at once."""
+        return data.recorded_scan_samples(dataset, args, accelerator, tokenizer)
 
     def models_ready(self, components, train_data, args):
         """Called once, when the models are loaded and placed and the data is ready."""
@@ -1683,7 +1683,8 @@ def training_run(args, adapter_config, accelerator, hooks):
     # loaded by all, which share the sample check.
     with accelerator.main_process_first():
         data.prepare_datasets(data_config)
-    train_data = data.load_training_data(data_config, seed, partial(hooks.check_samples, accelerator=accelerator))
+    check = partial(hooks.check_samples, accelerator=accelerator, tokenizer=load_tokenizers(args)[0])  # counts captions
+    train_data = data.load_training_data(data_config, seed, check)
     repo_id = create_hub_repo(args, accelerator)
     multiple = configs.adapter_total_downscale(adapter_config)
     if accelerator.is_main_process:

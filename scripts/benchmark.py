@@ -161,7 +161,7 @@ def upstream_hooks(train, work_dir):
             super().__init__()
             self.report, self.embeddings, self.loss = {}, {}, None
 
-        def check_samples(self, dataset, args, accelerator):
+        def check_samples(self, dataset, args, accelerator, tokenizer=None):
             return [], [None] * len(dataset)  # upstream checks no sample; sizes matter only to buckets
 
         def models_ready(self, components, train_data, args):

@@ -27,7 +27,7 @@ from .stopping import Refusal
 
 logger = get_logger(__name__)
 
-SAMPLE_CHECK_RULES = 4  # part of each sample-check record's key: raise it when inspect_sample's rules change
+SAMPLE_CHECK_RULES = 5  # part of each sample-check record's key: raise it when inspect_sample's rules change
 CONDITION_MADE_ON_THE_FLY = "made on the fly"  # a sample's condition with --conditioning_type canny
 CONDITION_STRETCH_TOLERANCE = 0.01  # a condition stored at another size may be this much out of proportion
 # The longest side over the shortest, of an image and of its condition. The transform resizes the short side to
@@ -281,8 +281,19 @@ def check_column_types(dataset, args):
         raise Refusal(f"`--caption_column` column {args.caption_column!r} holds {caption_feature}, not text.")
 
 
-def inspect_rows(dataset, args, rows, threads=SAMPLE_CHECK_THREADS):
-    """[(row, problem, size)] of `rows` (ascending), `inspect_sample` of each, on `threads` threads."""
+def caption_tokens(captions, tokenizer):
+    """The tokens of each row's longest caption (a row may hold a list), as the text encoders' tokenizer
+    counts them (quietly: the warning of one too long is ours to give); None for a row without text (the check
+    refuses it)."""
+    texts = [[text for text in (caption if isinstance(caption, list) else [caption]) if isinstance(text, str)]
+             for caption in captions]
+    counts = iter(map(len, tokenizer([text for row in texts for text in row], verbose=False).input_ids) if any(texts) else ())
+    return [max((next(counts) for _ in row), default=None) for row in texts]
+
+
+def inspect_rows(dataset, args, rows, threads=SAMPLE_CHECK_THREADS, tokenizer=None):
+    """[(row, problem, size, caption tokens)] of `rows` (ascending), `inspect_sample` of each on `threads`
+    threads, and with `tokenizer` the tokens of its longest caption (else None)."""
     stored = undecoded_images(dataset.select_columns(list(used_columns(args).values())), args)
     inspected = []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -290,20 +301,44 @@ def inspect_rows(dataset, args, rows, threads=SAMPLE_CHECK_THREADS):
             block = rows[start : start + SAMPLE_CHECK_BLOCK]
             samples = stored.select(block) if len(block) < len(stored) else stored
             found = pool.map(lambda sample: inspect_sample(*stored_sample(sample, args)), samples)
-            inspected += [(row, *result) for row, result in zip(block, found)]
+            tokens = caption_tokens(samples[args.caption_column], tokenizer) if tokenizer else [None] * len(block)
+            inspected += [(row, *result, count) for row, result, count in zip(block, found, tokens)]
     return inspected
 
 
-def scan_samples(dataset, args, process_index=0, num_processes=1, gather=None):
-    """(bad, sizes): (row, problem) for every sample that cannot be trained on, and every good
-    row's image (height, width). With several processes each inspects every `num_processes`-th row and
-    `gather` (accelerate's gather_object) hands every process all of them."""
+def long_captions(inspected, max_tokens):
+    """(rows whose longest caption is over `max_tokens`, the first of them, its tokens), or None when
+    none is, or when the captions were not counted."""
+    over = [(row, count) for row, _, _, count in inspected if count is not None and count > max_tokens]
+    return (len(over), *over[0]) if over else None
+
+
+def warn_of_long_captions(dataset, args, found, max_tokens):
+    """One warning for the captions the text encoders cut at `max_tokens`, with a count and an example."""
+    if found is None:
+        return
+    count, row, tokens = found
+    caption = dataset.select_columns([args.caption_column])[row][args.caption_column]
+    caption = caption if isinstance(caption, str) else max(caption, key=len)
+    logger.warning(
+        f"{count} of {len(dataset)} samples have a caption longer than the text encoders' {max_tokens} tokens; each"
+        f" is cut there, as upstream does. For example row {row} ({tokens} tokens): {caption[:200]!r}."
+    )
+
+
+def scan_samples(dataset, args, process_index=0, num_processes=1, gather=None, tokenizer=None):
+    """(bad, sizes, long): (row, problem) for every sample that cannot be trained on, every good row's
+    image (height, width), and with `tokenizer` the captions it would cut (`long_captions`). With several
+    processes each inspects every `num_processes`-th row and `gather` (accelerate's gather_object) hands
+    every process all of them."""
     check_column_types(dataset, args)
-    inspected = inspect_rows(dataset, args, list(range(process_index, len(dataset), num_processes)))
+    inspected = inspect_rows(dataset, args, list(range(process_index, len(dataset), num_processes)),
+                             tokenizer=tokenizer)
     if num_processes > 1:
         inspected = sorted(gather(inspected))
-    bad = [(row, problem) for row, problem, _ in inspected if problem is not None]
-    return bad, [size for _, problem, size in inspected if problem is None]
+    bad = [(row, problem) for row, problem, *_ in inspected if problem is not None]
+    long = long_captions(inspected, tokenizer.model_max_length) if tokenizer else None
+    return bad, [size for _, problem, size, _ in inspected if problem is None], long
 
 
 def image_file_sizes(dataset, args):
@@ -334,29 +369,37 @@ def sample_check_record_path(dataset, args):
     return os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"t2i_sample_check-{key}.json")
 
 
-def recorded_scan_samples(dataset, args, accelerator=None):
+def recorded_scan_samples(dataset, args, accelerator=None, tokenizer=None):
     """`scan_samples`, read back from the record of an earlier run on the same files when there is one.
     A check opens every image; at 50 k pairs of megabyte PNGs that is minutes on every restart. With
     `accelerator` every process calls this at once and they share the check, unless every one of them
-    finds the record (a cache folder may be local to each node); each node's first process writes it."""
+    finds the record (a cache folder may be local to each node); each node's first process writes it. With
+    the text encoders' `tokenizer`, the captions it would cut are counted too, and warned of once."""
     processes = accelerator.num_processes if accelerator is not None else 1
     record_path = sample_check_record_path(dataset, args)
-    recorded = record_path is not None and os.path.exists(record_path)
+    record = None
+    if record_path is not None and os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+    # A record without the caption count (one written for a program that has no tokenizer) is checked again.
+    recorded = record is not None and (tokenizer is None or record["captions_counted"])
     if processes > 1:  # all read, or all check: the check gathers
         recorded = all(gather_object([recorded]))
     if recorded:
-        with open(record_path) as f:
-            record = json.load(f)
         logger.info(f"Read the sample check of {len(dataset)} samples from {record_path}.", main_process_only=False)
-        return [tuple(entry) for entry in record["bad"]], [tuple(size) for size in record["sizes"]]
-    share = (accelerator.process_index, processes, gather_object) if processes > 1 else ()
-    bad, sizes = scan_samples(dataset, args, *share)
-    logger.info(f"Checked all {len(dataset)} samples on {processes} process(es): {len(bad)} bad.")
-    if record_path is not None and (accelerator is None or accelerator.is_local_main_process):
-        try:  # each node's first process: a shared folder's record is replaced whole by each
-            write_json_atomically(record_path, {"bad": bad, "sizes": sizes})
-        except OSError as error:  # a read-only shared cache: check again next time
-            logger.warning(f"Could not record the sample check in {record_path}: {error}")
+        bad, sizes, long = [tuple(entry) for entry in record["bad"]], [tuple(size) for size in record["sizes"]], record["long"]
+    else:
+        share = (accelerator.process_index, processes, gather_object) if processes > 1 else (0, 1, None)
+        bad, sizes, long = scan_samples(dataset, args, *share, tokenizer=tokenizer)
+        logger.info(f"Checked all {len(dataset)} samples on {processes} process(es): {len(bad)} bad.")
+        if record_path is not None and (accelerator is None or accelerator.is_local_main_process):
+            try:  # each node's first process: a shared folder's record is replaced whole by each
+                write_json_atomically(record_path, {"bad": bad, "sizes": sizes, "long": long,
+                                                    "captions_counted": tokenizer is not None})
+            except OSError as error:  # a read-only shared cache: check again next time
+                logger.warning(f"Could not record the sample check in {record_path}: {error}")
+    if tokenizer is not None:
+        warn_of_long_captions(dataset, args, long, tokenizer.model_max_length)
     return bad, sizes
 
 

@@ -34,9 +34,9 @@ def save_rank_weights_then_end_training(accelerator):
     end_training(accelerator)
 
 
-def record_rows_then_inspect(dataset, args, rows, *more):
+def record_rows_then_inspect(dataset, args, rows, *more, **named):
     rows_checked.extend(rows)
-    return inspect_rows(dataset, args, rows, *more)
+    return inspect_rows(dataset, args, rows, *more, **named)
 
 
 def record_row_then_get_pair(pairs, key):

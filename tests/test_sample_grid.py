@@ -1,7 +1,10 @@
-"""--dump_samples N (#26 item 4): the first N pairs training takes, drawn and listed in the output folder
-before any model loads, and logged to the trackers."""
+"""See what you train on (#26 item 4): --dump_samples N draws and lists the first N pairs training takes in
+the output folder before any model loads, and logs them to the trackers; captions the text encoders cut
+at 77 tokens are counted by the sample check and warned of once."""
 
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ from PIL import Image
 
 import train_t2i_adapter_sdxl as train
 from helpers import run_training, training_argv
-from t2i_train import loader, sample_grid
+from t2i_train import data, loader, sample_grid
 from test_end_to_end import tensorboard_image_tags
 
 
@@ -87,3 +90,37 @@ def test_the_first_planned_keys_are_the_first_total_batches():
 def test_bad_dump_flags_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         train.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *flags])
+
+
+def test_captions_beyond_77_tokens_are_counted_in_the_sample_check_and_warned_of_once(tiny_sdxl, fill_data, tmp_path,
+                                                                                      caplog):
+    """3 of 32 captions made long: one warning before training with the count and the first of them, from
+    the first check and again from its record; the tiny tokenizer cuts at 77, as SDXL's do."""
+    folder = tmp_path / "data"
+    shutil.copytree(fill_data["imagefolder"], folder)
+    metadata = folder / "train" / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    for row in (5, 9, 30):
+        rows[row]["text"] = f"row {row}: " + "a bright red disc on a dark ground, " * 12
+    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = training_argv(tiny_sdxl, {"imagefolder": folder}, tmp_path / "out", "--max_train_steps", 1)
+    assert train.load_tokenizers(train.parse_args(argv))[0].model_max_length == 77
+    for run in ("checked", "record read"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run_training(argv + (["--resume_from_checkpoint", "latest", "--max_train_steps", "2"] if run != "checked" else []))
+        warnings = [r.getMessage() for r in caplog.records if "longer than the text encoders' 77 tokens" in r.getMessage()]
+        assert len(warnings) == 1, run
+        assert "3 of 32 samples have a caption" in warnings[0] and "For example row 5 (" in warnings[0]
+        assert "'row 5: a bright red disc" in warnings[0]
+
+
+def test_a_caption_count_takes_each_rows_longest_caption():
+    class Tokenizer:  # a token a word, plus start and end
+        def __call__(self, texts, verbose=True):
+            return type("Encoded", (), {"input_ids": [[0, *text.split(), 1] for text in texts]})
+
+    assert data.caption_tokens(["a b", ["a", "a b c d"], None, []], Tokenizer()) == [4, 6, None, None]
+    inspected = [(0, None, (64, 64), 80), (1, "bad", None, 90), (2, None, (64, 64), 10), (3, None, (64, 64), None)]
+    assert data.long_captions(inspected, 77) == (2, 0, 80)
+    assert data.long_captions(inspected[2:], 77) is None
