@@ -143,7 +143,8 @@ def main(argv=None):
           f" {args.steps // 2}..{args.steps})")
     print(table(results, args.seeds))
     if args.output:
-        series = [(name, COLOURS[index % len(COLOURS)], 3 if name == DEFAULT else 2, mean_curve(curves))
+        series = [(name.replace("γ", "gamma"), COLOURS[index % len(COLOURS)], 3 if name == DEFAULT else 2,
+                   mean_curve(curves))  # PIL's default font has no γ
                   for index, (name, curves) in enumerate(results.items())]
         panel = draw_panel(f"conditioning gain, mean of seeds {', '.join(map(str, args.seeds))}", series,
                            "1 - loss(true) / loss(other)")

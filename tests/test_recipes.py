@@ -86,3 +86,18 @@ def test_a_run_writes_the_settings_it_resolved_as_a_recipe_that_repeats_it(tiny_
     assert "hub_token" not in resolved and "config" not in resolved and "secret" not in written.read_text()
     again = train.parse_args(["--config", str(written)])
     assert vars(again) == {**vars(train.parse_args([str(a) for a in argv])), "config": str(written), "hub_token": None}
+
+
+def test_the_shipped_recipes_parse_and_set_what_they_say():
+    import glob
+    import os
+
+    recipes_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "recipes")
+    shipped = sorted(glob.glob(os.path.join(recipes_dir, "*.yaml")))
+    assert shipped, "no recipe in configs/recipes"
+    for path in shipped:
+        args = train.parse_args([*REQUIRED, "--config", path])
+        for key, value in yaml.safe_load(open(path)).items():
+            assert getattr(args, key) == value, (path, key)
+    assert train.parse_args([*REQUIRED, "--config", os.path.join(recipes_dir, "learn_control.yaml")]).timestep_sampling \
+        == "logit_normal"
