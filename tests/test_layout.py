@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAINER = ROOT / "train_t2i_adapter_sdxl.py"
 PACKAGE = sorted((ROOT / "t2i_train").glob("*.py"))
 SCRIPTS = sorted((ROOT / "scripts").glob("*.py"))
-OPTIONAL_PACKAGES = {"bitsandbytes", "wandb"}  # imported where they are used, each with its reason
+OPTIONAL_PACKAGES = {"bitsandbytes", "wandb", "tomllib"}  # imported where used, each with its reason (tomllib: 3.11+)
 
 
 def module_name(path):
