@@ -903,13 +903,14 @@ class Models:
         return sigma_table(self.noise_scheduler)
 
 
-def load_models(args, adapter_config, resume_path=None):
-    """The components by name: scheduler, tokenizers, text encoders, VAE, UNet and the adapter, all
-    frozen but the adapter (whose weights come from `resume_path`'s checkpoint when resuming)."""
+def load_models(args, adapter_config, resume_path=None, tokenizers=None):
+    """The components by name: scheduler, tokenizers (`load_tokenizers`' unless given), text encoders, VAE,
+    UNet and the adapter, all frozen but the adapter (whose weights come from `resume_path`'s checkpoint
+    when resuming)."""
     base = args.pretrained_model_name_or_path
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
     noise_scheduler = EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **hub)
-    tokenizers = load_tokenizers(args)
+    tokenizers = tokenizers or load_tokenizers(args)
     text_encoders = [
         text_encoder_class(base, subfolder, args).from_pretrained(base, subfolder=subfolder, variant=args.variant, **hub)
         for subfolder in ("text_encoder", "text_encoder_2")
@@ -1589,7 +1590,7 @@ def model_card_training_details(args, steps, accelerator, validation=None):
     if args.use_ema:
         details["weights"] = (
             f"the exponential moving average of the adapter's weights (decay {args.ema_decay}, reached"
-            f" {ema.final_decay(steps, args):.4g} at step {steps} after its warm-up; updated every"
+            f" {ema.last_decay(steps, args):.4g} at step {steps} after its warm-up; updated every"
             f" {args.ema_update_every} step(s)): this adapter and its scores below are the EMA's"
         )
     if validation and validation["control"]:
@@ -1683,7 +1684,8 @@ def training_run(args, adapter_config, accelerator, hooks):
     # loaded by all, which share the sample check.
     with accelerator.main_process_first():
         data.prepare_datasets(data_config)
-    check = partial(hooks.check_samples, accelerator=accelerator, tokenizer=load_tokenizers(args)[0])  # counts captions
+    tokenizers = load_tokenizers(args)  # now, for the sample check to count caption tokens with
+    check = partial(hooks.check_samples, accelerator=accelerator, tokenizer=tokenizers[0])
     train_data = data.load_training_data(data_config, seed, check)
     repo_id = create_hub_repo(args, accelerator)
     multiple = configs.adapter_total_downscale(adapter_config)
@@ -1696,7 +1698,7 @@ def training_run(args, adapter_config, accelerator, hooks):
                                              args.dump_samples, args.output_dir)
 
     memory.check_memory_fits(args, accelerator, trainer=sys.modules[__name__])  # the planner runs this file's step
-    components = load_models(args, adapter_config, resume_path)
+    components = load_models(args, adapter_config, resume_path, tokenizers)
     averaged = (ema.averaged_copy(components.adapter, "cpu" if args.ema_on_cpu else accelerator.device)
                 if args.use_ema else None)  # the EMA, a copy of the adapter before it is wrapped
     weight_dtype = set_up_models(components, args, accelerator, averaged)

@@ -30,15 +30,16 @@ def update_ema(averaged, model, decay):
         average.lerp_(current.detach().to(average.device, average.dtype), 1 - decay)
 
 
+def last_decay(step, args):
+    """The decay of the last update made by optimisation step `step` (one every --ema_update_every steps;
+    the first's for a step before any): what the EMA's horizon was then."""
+    return decay_at(max(step // args.ema_update_every - 1, 0), args.ema_decay)
+
+
 def update_after_step(averaged, model, step, args):
     """After optimisation step `step` (from 1): an update every --ema_update_every steps, none without an EMA."""
     if averaged is not None and step % args.ema_update_every == 0:
-        update_ema(averaged, model, decay_at(step // args.ema_update_every - 1, args.ema_decay))
-
-
-def final_decay(step, args):
-    """The decay the EMA had reached at `step`: what its horizon was, for the model card."""
-    return decay_at(max(step // args.ema_update_every - 1, 0), args.ema_decay)
+        update_ema(averaged, model, last_decay(step, args))
 
 
 def on_device(averaged, device):

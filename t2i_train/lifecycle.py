@@ -573,9 +573,9 @@ def refuse_unshared_output_dir(output_dir, accelerator, patience_s=5.0):
     deadline = time.monotonic() + patience_s
     while not (seen := os.path.exists(probe)) and time.monotonic() < deadline:
         time.sleep(0.1)
+    # The gather is a collective: once it returns, every process has looked, and the probe can go.
     blind = [who for who in gather_object([None if seen else f"process {accelerator.process_index} on"
                                            f" {socket.gethostname()}"]) if who]
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.remove(probe)
     if blind:
